@@ -1,0 +1,1 @@
+"""Sub-commands of the ``deco`` command line (see :mod:`deco.cli`)."""

@@ -1,0 +1,55 @@
+"""Plain PyTorch compositions that define what every op computes.
+
+These are the ``"torch"`` backend and the float64 references of the tests. Each function takes the same
+arguments as the public op of the same name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "depthwise_conv2d",
+    "upsample_add_conv",
+]
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise 'same' convolution, stride 1.
+
+    x: B x C x H x W; weight: C x 1 x kh x kw (odd kh, kw); bias: C or None. Returns B x C x H x W.
+    """
+    kh, kw = weight.shape[-2:]
+    return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+
+
+def upsample_nearest(query: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest upsampling with PyTorch's legacy rule ``src = floor(dst * in / out)``."""
+    return F.interpolate(query, size=size, mode="nearest")
+
+
+def upsample_add_conv(
+    query: torch.Tensor, memory: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DECO's CIM front: ``dwconv(u + memory) + u`` with ``u = upsample_nearest(query, memory's H x W)``.
+
+    query: B x C x Hq x Wq; memory: B x C x H x W; weight: C x 1 x kh x kw; bias: C or None.
+    Returns B x C x H x W.
+    """
+    upsampled = upsample_nearest(query, tuple(memory.shape[-2:]))
+    return depthwise_conv2d(upsampled + memory, weight, bias) + upsampled
+
+
+def adaptive_max_pool2d(
+    x: torch.Tensor, output_size: int | tuple[int, int], return_indices: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``F.adaptive_max_pool2d``: windows ``[floor(i*H/oh), ceil((i+1)*H/oh))``, first maximum wins."""
+    return F.adaptive_max_pool2d(x, output_size, return_indices=return_indices)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: int | tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` with the same window rule as the max pool."""
+    return F.adaptive_avg_pool2d(x, output_size)
