@@ -1,0 +1,91 @@
+"""Shapes, layouts, dtypes and tolerances shared by the kernel tests of every backend.
+
+Every backend (Triton under the interpreter or on a GPU, the CUDA kernels and their CPU builds) is checked
+against a float64 evaluation of :mod:`deco_kernels.reference` on the same inputs, over these lists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Error bound: max |actual - expected| <= TOLERANCE[dtype] * max(1, max |expected|), per output and per
+# gradient. The expected value is the float64 reference evaluated on the (already rounded) low-precision
+# inputs, so the bound covers one rounding of the output (fp16 2^-11, bf16 2^-8, relative) plus fp32
+# accumulation error.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+# (B, C, H, W, kh, kw): odd H and W, H or W of 1, maps smaller than the kernel, C not a multiple of any
+# block size, B of 1 and 3, kernels 1, 3, 7, 9, 13, 31 and rectangular.
+DEPTHWISE_CASES = [
+    (1, 1, 5, 5, 1, 1),
+    (3, 5, 7, 9, 3, 3),
+    (1, 17, 13, 11, 7, 7),
+    (3, 6, 4, 5, 9, 9),
+    (1, 4, 1, 12, 9, 9),
+    (3, 3, 11, 1, 13, 13),
+    (1, 33, 10, 7, 13, 13),
+    (2, 9, 6, 15, 3, 7),
+    (1, 5, 9, 8, 1, 5),
+    (2, 24, 12, 20, 9, 9),
+    (1, 3, 6, 5, 31, 31),
+]
+
+# (B, C, Hq, Wq, H, W, kh, kw): query grid upsampled (or, when smaller, downsampled) to the memory's H x W.
+UPSAMPLE_ADD_CONV_CASES = [
+    (1, 3, 2, 2, 5, 5, 3, 3),
+    (2, 5, 10, 10, 25, 42, 9, 9),
+    (1, 7, 3, 4, 7, 9, 9, 9),
+    (3, 4, 1, 1, 6, 5, 7, 7),
+    (1, 6, 4, 3, 4, 3, 3, 3),
+    (2, 9, 5, 5, 13, 11, 9, 9),
+    (1, 4, 5, 5, 3, 2, 3, 3),
+    (1, 3, 2, 3, 8, 9, 3, 7),
+    (1, 17, 10, 10, 1, 12, 13, 13),
+]
+
+# (B, C, H, W, out_h, out_w): overlapping windows (H not a multiple of out), output larger than input,
+# H or W of 1, DECO's 25 x 42 -> 10 x 10.
+ADAPTIVE_POOL_CASES = [
+    (1, 3, 25, 42, 10, 10),
+    (3, 5, 7, 9, 3, 4),
+    (1, 1, 1, 1, 1, 1),
+    (2, 6, 10, 10, 10, 10),
+    (1, 17, 13, 11, 10, 10),
+    (1, 4, 5, 5, 10, 10),
+    (2, 3, 1, 17, 1, 5),
+    (1, 33, 20, 30, 7, 5),
+]
+
+
+def make_input(shape, dtype: torch.dtype, layout: str, device="cpu", generator=None) -> torch.Tensor:
+    """A random B x C x H x W tensor in the given layout.
+
+    "strided" is a non-contiguous view (every other column of a wider tensor), which is neither NCHW- nor
+    channels-last-contiguous.
+    """
+    b, c, h, w = shape
+    if layout == "strided":
+        wide = torch.randn(b, c, h, 2 * w, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        return wide[..., ::2]
+    x = torch.randn(b, c, h, w, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "contiguous":
+        return x
+    raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Check ``actual`` against a float64 ``expected`` with the bound of :data:`TOLERANCE`."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual64 = actual.detach().to(torch.float64).cpu()
+    expected64 = expected.detach().to(torch.float64).cpu()
+    assert torch.isfinite(actual64).all(), f"{what}: non-finite values (unwritten output?)"
+    scale = max(1.0, expected64.abs().max().item()) if expected64.numel() else 1.0
+    error = (actual64 - expected64).abs().max().item() if expected64.numel() else 0.0
+    bound = TOLERANCE[dtype] * scale
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g} ({dtype}, scale {scale:.3g})"
