@@ -1,0 +1,87 @@
+"""Bounding-box conversions and overlap measures (pure functions on tensors, differentiable).
+
+Formats: ``cxcywh`` = (centre x, centre y, width, height); ``xyxy`` = (x0, y0, x1, y1) with x0 <= x1 and
+y0 <= y1 for a proper box. Every function takes ``... x 4`` tensors unless stated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "AREA_EPS",
+    "box_area",
+    "box_cxcywh_to_xyxy",
+    "box_iou",
+    "box_xyxy_to_cxcywh",
+    "generalized_box_iou",
+]
+
+# Lower bound on the union and enclosing-box areas. Two degenerate (zero-area) boxes have union 0 and, when
+# they coincide, enclosing area 0; without the bound IoU and GIoU would be 0/0 = NaN, and the NaN would reach
+# the matcher's cost matrix and the GIoU loss. With it such a pair gets IoU 0 and GIoU 0 (or -1 when the
+# enclosing box has positive area), and the value for any box of real size is unchanged.
+AREA_EPS = 1e-7
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """``... x 4`` (cx, cy, w, h) -> ``... x 4`` (x0, y0, x1, y1)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """``... x 4`` (x0, y0, x1, y1) -> ``... x 4`` (cx, cy, w, h)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """``... x 4`` xyxy -> ``...`` areas (negative for an inverted box; not clamped)."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def _check_pair(boxes1: torch.Tensor, boxes2: torch.Tensor) -> None:
+    for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"{name} must be an N x 4 tensor of xyxy boxes; got shape {tuple(boxes.shape)}")
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise IoU of xyxy boxes.
+
+    boxes1: N x 4, boxes2: M x 4. Returns ``(iou, union)``, both N x M; ``union`` is clamped below at
+    :data:`AREA_EPS` (see there), so degenerate boxes give IoU 0 instead of NaN.
+    """
+    _check_pair(boxes1, boxes2)
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    overlap_wh = (bottom_right - top_left).clamp(min=0)
+    intersection = overlap_wh[..., 0] * overlap_wh[..., 1]
+    union = (area1[:, None] + area2[None, :] - intersection).clamp(min=AREA_EPS)
+    return intersection / union, union
+
+
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise generalised IoU (Rezatofighi et al. 2019) of xyxy boxes: ``iou - (enclosing - union) / enclosing``.
+
+    boxes1: N x 4, boxes2: M x 4. Returns N x M in [-1, 1]. Union and enclosing area are clamped below at
+    :data:`AREA_EPS`, so degenerate boxes never give NaN. Inverted boxes (x1 < x0) are rejected.
+    """
+    _check_pair(boxes1, boxes2)
+    # An inverted box makes the areas negative and the result meaningless; checking it costs a host sync,
+    # so only outside of graph capture / compilation (the loss calls this on plain eager tensors).
+    if not torch.compiler.is_compiling() and not (
+        boxes1.is_cuda and torch.cuda.is_current_stream_capturing()
+    ):
+        for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
+            if not bool((boxes[:, 2:] >= boxes[:, :2]).all()):
+                raise ValueError(f"{name} holds an inverted box (x1 < x0 or y1 < y0); expected xyxy boxes")
+    iou, union = box_iou(boxes1, boxes2)
+    top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    enclosing_wh = (bottom_right - top_left).clamp(min=0)
+    enclosing = (enclosing_wh[..., 0] * enclosing_wh[..., 1]).clamp(min=AREA_EPS)
+    return iou - (enclosing - union) / enclosing
