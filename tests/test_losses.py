@@ -1,0 +1,128 @@
+"""SetCriterion on hand-made cases: focal and softmax cross-entropy, perfect predictions, degenerate boxes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deco.losses import build_criterion, sigmoid_focal_loss
+
+
+def test_sigmoid_focal_loss_matches_formula():
+    logits = torch.tensor([[-2.0, 0.5], [3.0, -0.1]], dtype=torch.float64)
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    p = logits.sigmoid()
+    expected = torch.where(
+        targets == 1, -0.25 * (1 - p) ** 2 * torch.log(p), -0.75 * p**2 * torch.log(1 - p)
+    )
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets), expected)
+
+
+def test_perfect_boxes_give_zero_box_losses_and_focal_normalisation():
+    """One image, two targets, three queries: queries 0 and 2 predict the targets exactly."""
+    target_boxes = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.7, 0.6, 0.3, 0.1]])
+    pred_boxes = torch.tensor([[[0.7, 0.6, 0.3, 0.1], [0.5, 0.5, 0.9, 0.9], [0.3, 0.4, 0.2, 0.2]]])
+    logits = torch.full((1, 3, 3), -4.0)
+    logits[0, 0, 2] = 4.0
+    logits[0, 2, 1] = 4.0
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": target_boxes}]
+    criterion = build_criterion(num_classes=3, num_aux_layers=0)
+    losses = criterion({"pred_logits": logits, "pred_boxes": pred_boxes}, targets)
+    assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    one_hot = torch.zeros(1, 3, 3)
+    one_hot[0, 0, 2] = 1
+    one_hot[0, 2, 1] = 1
+    # Deformable DETR's normalisation: mean over queries, sum, / num_boxes, * num_queries.
+    expected_ce = sigmoid_focal_loss(logits, one_hot).mean(1).sum() / 2 * 3
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce.item(), rel=1e-6)
+    assert criterion.weight_dict == {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def test_box_losses_on_a_hand_computed_case():
+    # Prediction and target side by side, same size: L1 = |0.2| (cx only); IoU 0; enclosing/union = 1 -> GIoU 0.
+    pred = torch.tensor([[[0.3, 0.5, 0.2, 0.2]]])
+    target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    losses = build_criterion(1, 0)({"pred_logits": torch.zeros(1, 1, 1), "pred_boxes": pred}, [target])
+    assert losses["loss_bbox"].item() == pytest.approx(0.2, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(1.0, abs=1e-6)
+    # focal at p = 0.5 for the one positive: 0.25 * 0.25 * log 2, num_boxes = 1, Q = 1.
+    assert losses["loss_ce"].item() == pytest.approx(0.25 * 0.25 * math.log(2), rel=1e-6)
+
+
+def test_softmax_cross_entropy_with_no_object_weight():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 3 + 1, generator=generator)
+    boxes = torch.rand(2, 4, 2, generator=generator) * 0.5 + 0.25
+    boxes = torch.cat([boxes, torch.full_like(boxes, 0.2)], -1)
+    targets = [
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])},
+        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+    ]
+    criterion = build_criterion(num_classes=3, num_aux_layers=0, class_loss="softmax_ce")
+    assert criterion.weight_dict["loss_ce"] == 1.0
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    ((query, _), _) = criterion.matcher(outputs, targets)
+    losses = criterion(outputs, targets)
+    classes = torch.full((2, 4), 3)
+    classes[0, query] = 2
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.1])
+    per_query = F.cross_entropy(logits.reshape(-1, 4), classes.reshape(-1), reduction="none")
+    expected = (per_query * weight[classes.reshape(-1)]).sum() / weight[classes.reshape(-1)].sum()
+    assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="4 classes"):
+        criterion({"pred_logits": logits[..., :3], "pred_boxes": boxes}, targets)
+
+
+def test_aux_layers_are_matched_separately_and_weighted():
+    target = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    # Final layer: query 1 is right; auxiliary layer: query 0 is right. Separate matching gives 0 box loss in both.
+    final = torch.tensor([[[0.1, 0.1, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]]])
+    aux = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]]])
+    logits = torch.zeros(1, 2, 1)
+    criterion = build_criterion(1, num_aux_layers=1)
+    outputs = {"pred_logits": logits, "pred_boxes": final, "aux_outputs": [{"pred_logits": logits, "pred_boxes": aux}]}
+    losses = criterion(outputs, [target])
+    assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+    assert losses["loss_bbox"].item() == pytest.approx(0, abs=1e-6)
+    assert losses["loss_bbox_0"].item() == pytest.approx(0, abs=1e-6)
+    assert set(criterion.weight_dict) == set(losses)
+    total = criterion.total(losses)
+    assert total.item() == pytest.approx(sum(losses[k].item() * w for k, w in criterion.weight_dict.items()), rel=1e-6)
+
+
+def test_empty_targets_give_finite_loss_with_num_boxes_clamped():
+    logits = torch.randn(2, 3, 2, requires_grad=True)
+    boxes = torch.full((2, 3, 4), 0.3, requires_grad=True)
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    losses = build_criterion(2, 0)({"pred_logits": logits, "pred_boxes": boxes}, [empty, empty])
+    assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
+    expected_ce = sigmoid_focal_loss(logits, torch.zeros_like(logits)).sum()  # num_boxes clamped at 1
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce.item(), rel=1e-6)
+    sum(losses.values()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_degenerate_boxes_give_finite_losses_and_gradients():
+    # Zero-width / zero-height predictions and targets, coincident degenerate boxes, a point box.
+    pred = torch.tensor(
+        [[[0.5, 0.5, 0.0, 0.0], [0.2, 0.2, 0.0, 0.3], [0.7, 0.7, 0.4, 0.0], [0.5, 0.5, 1e-9, 1e-9]]],
+        requires_grad=True,
+    )
+    logits = torch.randn(1, 4, 2, requires_grad=True)
+    target = {"labels": torch.tensor([0, 1, 1]), "boxes": torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.2, 0.2, 0.0, 0.3], [0.1, 0.9, 0.2, 0.0]])}
+    criterion = build_criterion(2, 0)
+    losses = criterion({"pred_logits": logits, "pred_boxes": pred}, [target])
+    for name, value in losses.items():
+        assert torch.isfinite(value), name
+    criterion.total(losses).backward()
+    assert torch.isfinite(pred.grad).all() and torch.isfinite(logits.grad).all()
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="class_loss"):
+        build_criterion(2, 0, class_loss="hinge")
+    with pytest.raises(ValueError, match="2 classes"):
+        build_criterion(2, 0)({"pred_logits": torch.zeros(1, 2, 3), "pred_boxes": torch.full((1, 2, 4), 0.5)},
+                              [{"labels": torch.tensor([0]), "boxes": torch.full((1, 4), 0.5)}])
