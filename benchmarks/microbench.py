@@ -1,0 +1,104 @@
+"""One microbenchmark measurement: a (case, provider, dtype, pass) -> a result record.
+
+Passes: ``fwd`` times the forward with autograd recording (as in training); ``bwd`` times
+``torch.autograd.grad`` of a forward made outside the timed region; ``fwd+bwd`` times both. The gradient of
+the output is a fixed random tensor in the output's memory format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks import roofline
+from benchmarks.cases import Case
+from benchmarks.providers import make_inputs, provider_function
+from benchmarks.timing import measure
+
+__all__ = ["BenchEnv", "host_call", "prepare", "run_record"]
+
+
+@dataclass
+class BenchEnv:
+    """What every measurement of a run shares."""
+
+    device: torch.device
+    copy_bytes_per_s: float
+    peak_fp32_flops: float | None
+    rep_ms: float = 25.0
+    flush_l2: bool = True
+    compile_backend: str = "inductor"
+
+
+def _timed_calls(fn, inputs, grad_output, pass_):
+    args = (*inputs.tensors, *inputs.extra)
+
+    def forward(_=None):
+        return fn(*args)
+
+    def backward(output):
+        return torch.autograd.grad(output, inputs.differentiable, grad_output)
+
+    def forward_backward(_=None):
+        return backward(fn(*args))
+
+    if pass_ == "fwd":
+        return forward, None
+    if pass_ == "bwd":
+        return backward, forward
+    return forward_backward, None
+
+
+def prepare(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv):
+    """``(run, setup)`` of one combination for :func:`benchmarks.timing.measure` (setup may be None)."""
+    if pass_ not in roofline.PASSES:
+        raise ValueError(f"pass_ must be one of {roofline.PASSES}; got {pass_!r}")
+    inputs = make_inputs(case, dtype, provider, env.device)
+    fn = provider_function(provider, case, dtype, env.compile_backend)
+    # With autograd on, like the timed calls: a no_grad call would make torch.compile build a second graph.
+    output = fn(*inputs.tensors, *inputs.extra).detach()
+    generator = torch.Generator().manual_seed(1)
+    grad_output = torch.randn(output.shape, generator=generator).to(env.device, dtype)
+    grad_output = grad_output.contiguous(memory_format=_memory_format(output))
+    return _timed_calls(fn, inputs, grad_output, pass_)
+
+
+def host_call(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv):
+    """One call of the combination, setup included, as a zero-argument callable (for pytest-benchmark)."""
+    run, setup = prepare(case, provider, dtype, pass_, env)
+    return lambda: run(setup() if setup else None)
+
+
+def run_record(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv) -> dict:
+    """Measure one combination and return its record (see :mod:`benchmarks.results` for the fields)."""
+    run, setup = prepare(case, provider, dtype, pass_, env)
+    stats = measure(run, setup, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2)
+
+    model = roofline.cost(case.op, case.dims, dtype, pass_)
+    seconds = stats.median_ms * 1e-3
+    floor_s = roofline.roofline_floor_s(model, env.copy_bytes_per_s, env.peak_fp32_flops or float("inf"))
+    return {
+        "op": case.op,
+        "group": case.group,
+        "provider": provider,
+        "shape": case.dims,
+        "dtype": str(dtype).removeprefix("torch."),
+        "pass": pass_,
+        "median_ms": stats.median_ms,
+        "p20_ms": stats.p20_ms,
+        "p80_ms": stats.p80_ms,
+        "runs": stats.runs,
+        "model_bytes": model.bytes,
+        "model_flops": model.flops,
+        "gb_per_s": model.bytes / seconds / 1e9,
+        "gflop_per_s": model.flops / seconds / 1e9,
+        "roofline_floor_ms": floor_s * 1e3,
+        "roofline_pct": 100.0 * floor_s / seconds,
+    }
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

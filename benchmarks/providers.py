@@ -1,0 +1,123 @@
+"""The implementations raced in the microbenchmarks, and the inputs each op is called with.
+
+Providers (the ``provider`` field of a record):
+
+- ``deco-triton`` / ``deco-triton-cl``: the public ``deco_kernels`` op with ``backend="triton"`` on NCHW /
+  channels-last activations; ``deco-cuda`` / ``deco-cuda-cl``: the same with ``backend="cuda"``;
+  ``deco-torch``: ``backend="torch"`` (the reference composition behind the same entry point; runs anywhere).
+- ``eager-nchw`` / ``eager-cl``: the stock composition of :mod:`deco_kernels.reference` in eager mode.
+- ``compile``: ``torch.compile`` (default mode) of the stock composition on NCHW inputs;
+  ``compile-max-autotune``: the same with ``mode="max-autotune"``.
+
+Every provider gets the same random inputs (activations in the benchmark dtype, parameters too, as a module
+converted to that dtype would hold them) and the same gradient of the output.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import deco_kernels
+from deco_kernels import reference
+from deco_kernels.backend import available_backends
+
+from benchmarks.cases import Case
+
+__all__ = ["BASELINES", "DECO_PROVIDERS", "PROVIDERS", "Inputs", "make_inputs", "provider_function", "unavailable"]
+
+DECO_PROVIDERS = ("deco-triton", "deco-triton-cl", "deco-cuda", "deco-cuda-cl", "deco-torch")
+BASELINES = ("eager-nchw", "eager-cl", "compile", "compile-max-autotune")
+PROVIDERS = DECO_PROVIDERS + BASELINES
+# Default set of a GPU run; deco-torch is the eager NCHW composition again, so only the smoke run uses it.
+DEFAULT_PROVIDERS = ("deco-triton", "deco-triton-cl", "deco-cuda", "deco-cuda-cl", "eager-nchw", "eager-cl", "compile")
+
+
+@dataclass
+class Inputs:
+    """Arguments of one call: ``tensors`` are positional (activations first), ``extra`` trailing non-tensors;
+    ``differentiable`` are the tensors whose gradients the backward pass computes."""
+
+    tensors: list[torch.Tensor | None]
+    extra: tuple
+    differentiable: list[torch.Tensor]
+
+
+def _layout(provider: str) -> torch.memory_format:
+    return torch.channels_last if provider.endswith("-cl") else torch.contiguous_format
+
+
+def make_inputs(case: Case, dtype: torch.dtype, provider: str, device: torch.device, seed: int = 0) -> Inputs:
+    """Random inputs of ``case`` (the same values for every provider: drawn from ``seed``), in the provider's
+    memory format, with ``requires_grad`` set on activations and parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    dims = case.dims
+    memory_format = _layout(provider)
+
+    def activation(*shape):
+        x = torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+        return x.contiguous(memory_format=memory_format).requires_grad_()
+
+    def parameter(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.1).to(device=device, dtype=dtype).requires_grad_()
+
+    b, c = dims["B"], dims["C"]
+    if case.op == "depthwise_conv2d":
+        x = activation(b, c, dims["H"], dims["W"])
+        weight, bias = parameter(c, 1, dims["kh"], dims["kw"]), parameter(c)
+        return Inputs([x, weight, bias], (), [x, weight, bias])
+    if case.op == "upsample_add_conv":
+        query = activation(b, c, dims["Hq"], dims["Wq"])
+        memory = activation(b, c, dims["H"], dims["W"])
+        weight, bias = parameter(c, 1, dims["kh"], dims["kw"]), parameter(c)
+        return Inputs([query, memory, weight, bias], (), [query, memory, weight, bias])
+    x = activation(b, c, dims["H"], dims["W"])
+    return Inputs([x], ((dims["oh"], dims["ow"]),), [x])
+
+
+def unavailable(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run on ``device`` here, or None when it can."""
+    if provider not in PROVIDERS:
+        return f"unknown provider {provider!r}; expected one of {PROVIDERS}"
+    if provider.startswith("deco-") and provider != "deco-torch":
+        backend = provider.split("-")[1]
+        if device.type != "cuda":
+            return f"{provider} needs a CUDA device (benchmarks of the {backend} backend are GPU-only)"
+        if backend not in available_backends(device):
+            return f"{provider}: the {backend} backend is not available on {device} (build or install missing)"
+    return None
+
+
+def _stock(op: str) -> Callable:
+    # The reference's adaptive_max_pool2d takes return_indices; the stock composition never asks for them.
+    return getattr(reference, op)
+
+
+@functools.cache
+def _compiled(op: str, mode: str | None, compile_backend: str, case: Case, dtype: torch.dtype) -> Callable:
+    # One compiled function per (case, dtype), static shapes: the strongest compile baseline, and no
+    # recompile-limit surprises across the matrix.
+    return torch.compile(_stock(op), mode=mode, dynamic=False, backend=compile_backend)
+
+
+def provider_function(
+    provider: str, case: Case, dtype: torch.dtype, compile_backend: str = "inductor"
+) -> Callable[..., torch.Tensor]:
+    """The callable that computes ``case.op`` for ``provider``; call it with ``*inputs.tensors, *inputs.extra``."""
+    op = case.op
+    if provider.startswith("deco-"):
+        backend = provider.split("-")[1]
+        public = getattr(deco_kernels, op)
+        return functools.partial(public, backend=backend)
+    if provider.startswith("eager-"):
+        return _stock(op)
+    if provider == "compile":
+        return _compiled(op, None, compile_backend, case, dtype)
+    if provider == "compile-max-autotune":
+        # Non-inductor backends (the smoke run's "eager") take no mode.
+        mode = "max-autotune" if compile_backend == "inductor" else None
+        return _compiled(op, mode, compile_backend, case, dtype)
+    raise ValueError(f"provider must be one of {PROVIDERS}; got {provider!r}")

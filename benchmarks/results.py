@@ -1,0 +1,168 @@
+"""The results file: schema, writing (incremental, so a run cut off by a timeout keeps what it measured),
+speed-ups between providers, merging and validation.
+
+A results file is a JSON object::
+
+    {"device": str, "torch": str, "triton": str | null, "date": "YYYY-MM-DD", "command": str,
+     "copy_gb_per_s": float | null, "peak_fp32_tflops": float | null, "records": [record, ...]}
+
+A microbenchmark record has ``op``, ``group``, ``provider``, ``shape`` (dict), ``dtype``, ``pass`` (fwd, bwd,
+fwd+bwd), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``gb_per_s``, ``gflop_per_s``, ``roofline_pct``
+and ``speedup`` ({baseline provider: baseline median / this median} for each baseline measured on the same
+op, shape, dtype and pass). An end-to-end record has ``model``, ``provider``, ``batch``, ``image_size``
+([H, W]), ``dtype``, ``pass`` (train_step, infer), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``,
+``images_per_s``, ``peak_mem_gb`` and ``speedup`` (against the stock providers of the same model).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["ResultsFile", "add_speedups", "environment", "load", "merge", "validate"]
+
+MICRO_PASSES = ("fwd", "bwd", "fwd+bwd")
+E2E_PASSES = ("train_step", "infer")
+_MICRO_FIELDS = {
+    "op": str, "group": str, "provider": str, "shape": dict, "dtype": str, "pass": str, "median_ms": float,
+    "p20_ms": float, "p80_ms": float, "runs": int, "gb_per_s": float, "gflop_per_s": float,
+    "roofline_pct": float, "speedup": dict,
+}
+_E2E_FIELDS = {
+    "model": str, "provider": str, "batch": int, "image_size": list, "dtype": str, "pass": str,
+    "median_ms": float, "p20_ms": float, "p80_ms": float, "runs": int, "images_per_s": float,
+    "peak_mem_gb": (float, type(None)), "speedup": dict,
+}
+_TOP_FIELDS = {
+    "device": str, "torch": str, "triton": (str, type(None)), "date": str, "command": str, "records": list,
+}
+
+
+def environment(device: torch.device) -> dict:
+    """The top-level fields that say where and how a run was made."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def _comparison_key(record: dict) -> tuple:
+    if "op" in record:
+        return ("op", record["op"], json.dumps(record["shape"], sort_keys=True), record["dtype"], record["pass"])
+    return ("model", record["model"], record["batch"], tuple(record["image_size"]), record["dtype"], record["pass"])
+
+
+def add_speedups(records: list[dict], baselines: tuple[str, ...]) -> None:
+    """Set each record's ``speedup``: for every baseline provider measured on the same op/model, shape, dtype
+    and pass, the baseline's median over this record's median."""
+    by_key: dict[tuple, dict[str, float]] = {}
+    for record in records:
+        if record["provider"] in baselines:
+            by_key.setdefault(_comparison_key(record), {})[record["provider"]] = record["median_ms"]
+    for record in records:
+        base = by_key.get(_comparison_key(record), {})
+        record["speedup"] = {name: ms / record["median_ms"] for name, ms in base.items() if name != record["provider"]}
+
+
+class ResultsFile:
+    """Collects records and rewrites the JSON file after each one (atomically: write, then rename)."""
+
+    def __init__(self, path: str | os.PathLike, header: dict, baselines: tuple[str, ...]):
+        self.path = Path(path)
+        self.header = dict(header)
+        self.baselines = baselines
+        self.records: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        self.write()
+
+    def write(self) -> None:
+        add_speedups(self.records, self.baselines)
+        document = {**self.header, "records": self.records}
+        validate(document)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(document, indent=1))
+        partial.replace(self.path)
+
+
+def _check_fields(where: str, obj: dict, fields: dict) -> None:
+    for name, kind in fields.items():
+        if name not in obj:
+            raise ValueError(f"{where}: missing field {name!r}")
+        value = obj[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, kinds):
+            raise ValueError(f"{where}: field {name!r} must be {kind}, got {type(value).__name__} {value!r}")
+
+
+def validate(document: dict) -> None:
+    """Raise ValueError naming the first field that does not follow the schema of the module docstring."""
+    if not isinstance(document, dict):
+        raise ValueError(f"results: expected a JSON object, got {type(document).__name__}")
+    _check_fields("results", document, _TOP_FIELDS)
+    try:
+        datetime.date.fromisoformat(document["date"])
+    except ValueError as error:
+        raise ValueError(f"results: field 'date' must be YYYY-MM-DD, got {document['date']!r}") from error
+    for index, record in enumerate(document["records"]):
+        where = f"records[{index}]"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object")
+        if "op" in record:
+            _check_fields(where, record, _MICRO_FIELDS)
+            allowed = MICRO_PASSES
+        elif "model" in record:
+            _check_fields(where, record, _E2E_FIELDS)
+            allowed = E2E_PASSES
+        else:
+            raise ValueError(f"{where}: a record needs 'op' (microbenchmark) or 'model' (end-to-end)")
+        if record["pass"] not in allowed:
+            raise ValueError(f"{where}: field 'pass' must be one of {allowed}, got {record['pass']!r}")
+        for name in ("median_ms", "p20_ms", "p80_ms"):
+            if not record[name] > 0:
+                raise ValueError(f"{where}: field {name!r} must be > 0, got {record[name]!r}")
+        if not record["p20_ms"] <= record["median_ms"] <= record["p80_ms"]:
+            raise ValueError(f"{where}: expected p20_ms <= median_ms <= p80_ms, got {record}")
+
+
+def load(path: str | os.PathLike) -> dict:
+    """Read and validate a results file."""
+    document = json.loads(Path(path).read_text())
+    try:
+        validate(document)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+    return document
+
+
+def merge(documents: list[dict]) -> dict:
+    """One results document from several of the same device (e.g. the microbenchmark and e2e files)."""
+    if not documents:
+        raise ValueError("merge: no results documents given")
+    devices = {d["device"] for d in documents}
+    if len(devices) != 1:
+        raise ValueError(f"merge: results come from different devices {sorted(devices)}; compare within one device")
+    merged = {key: value for key, value in documents[0].items() if key != "records"}
+    merged["command"] = " ; ".join(d["command"] for d in documents)
+    merged["records"] = [record for d in documents for record in d["records"]]
+    validate(merged)
+    return merged
