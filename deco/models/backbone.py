@@ -1,0 +1,171 @@
+"""Backbones: torchvision ResNet-18/50 (frozen BatchNorm) and timm ConvNeXt-T; only the last stage is used.
+
+Parameter names under ``backbone.body`` are torchvision's ResNet names (``conv1``, ``bn1``, ``layer1``..``layer4``)
+or timm's ConvNeXt names (``stem``, ``stages``), so their state dicts load directly (``backbone_weights=``).
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+BACKBONES = ("resnet18", "resnet50", "convnext_tiny")
+BACKBONE_NORMS = ("frozen", "batch")
+
+# Keys of the classification head in a torchvision / timm state dict: present in their files, not used here.
+_HEAD_PREFIXES = {"resnet18": ("fc.",), "resnet50": ("fc.",), "convnext_tiny": ("head.", "norm_pre.")}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters: ``y = x * scale + shift`` (eps 1e-5).
+
+    Buffers ``weight``, ``bias``, ``running_mean``, ``running_var`` (C) carry BatchNorm2d's names, so a
+    torchvision state dict loads (its ``num_batches_tracked`` is ignored). x: B x C x H x W.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class ResNetBody(nn.Module):
+    """A torchvision ResNet without its pooling and classifier: B x 3 x H x W -> B x C x H/32 x W/32."""
+
+    def __init__(self, name: str, norm: str):
+        super().__init__()
+        norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+        resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.num_channels = resnet.fc.in_features
+
+    def freeze_units(self) -> list[nn.Module | list[nn.Module]]:
+        """The stem, then the stages, in order (the units that ``freeze_backbone_stages`` counts)."""
+        return [[self.conv1, self.bn1], self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class ConvNeXtBody(nn.Module):
+    """timm's ConvNeXt-T stem and stages (no head): B x 3 x H x W -> B x 768 x H/32 x W/32."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        import timm
+
+        convnext = timm.create_model(name, pretrained=False)
+        self.stem, self.stages = convnext.stem, convnext.stages
+        self.num_channels = convnext.num_features
+
+    def freeze_units(self) -> list[nn.Module | list[nn.Module]]:
+        """The stem, then the stages, in order (the units that ``freeze_backbone_stages`` counts)."""
+        return [self.stem, *self.stages]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+
+class Backbone(nn.Module):
+    """Image -> last-stage features and the padding mask resized to them.
+
+    forward(images B x 3 x H x W, mask B x H x W bool (True = padding)) ->
+    (features B x C x h x w, mask B x h x w bool). ``num_channels`` is C (512, 2048 or 768).
+    The mask is resized with nearest interpolation as in the released model, which never uses it further.
+    """
+
+    def __init__(self, name: str = "resnet50", norm: str = "frozen", freeze_stages: int | None = None):
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"backbone must be one of {', '.join(map(repr, BACKBONES))}; got {name!r}")
+        if norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone_norm must be one of {', '.join(map(repr, BACKBONE_NORMS))}; got {norm!r}")
+        self.name = name
+        if name.startswith("resnet"):
+            self.body = ResNetBody(name, norm)
+        else:
+            if norm != "frozen":
+                raise ValueError(f"backbone_norm applies to ResNet backbones only (ConvNeXt uses LayerNorm); got {norm!r}")
+            self.body = ConvNeXtBody(name)
+        self.num_channels = self.body.num_channels
+        if freeze_stages is None:
+            # The release: ResNet stem and layer1 frozen; ConvNeXt fully trainable.
+            freeze_stages = 1 if name.startswith("resnet") else 0
+        units = self.body.freeze_units()
+        if not isinstance(freeze_stages, int) or not 0 <= freeze_stages < len(units):
+            raise ValueError(
+                f"freeze_backbone_stages must be an int in 0..{len(units) - 1} (0: all trainable, n: the stem and "
+                f"the first n stages frozen); got {freeze_stages!r}"
+            )
+        self.freeze_stages = freeze_stages
+        if freeze_stages > 0:
+            for unit in units[: freeze_stages + 1]:
+                for module in unit if isinstance(unit, list) else [unit]:
+                    module.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(images)
+        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].to(torch.bool)
+        return features, mask
+
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load a local torchvision (ResNet) or timm (ConvNeXt) state dict, strictly (classifier head ignored)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"backbone_weights: no such file {os.fspath(path)!r}")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state_dict, Mapping) and "model" in state_dict and isinstance(state_dict["model"], Mapping):
+            state_dict = state_dict["model"]
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"backbone_weights: {os.fspath(path)!r} does not hold a state dict")
+        head = _HEAD_PREFIXES[self.name]
+        body_state = {k: v for k, v in state_dict.items() if not k.startswith(head)}
+        own = self.body.state_dict()
+        # FrozenBatchNorm2d has no num_batches_tracked; a torchvision file does.
+        ignorable = {k for k in body_state if k.endswith("num_batches_tracked") and k not in own}
+        missing = sorted(set(own) - set(body_state))
+        unexpected = sorted(set(body_state) - set(own) - ignorable)
+        if missing or unexpected:
+            raise ValueError(
+                f"backbone_weights {os.fspath(path)!r} does not match a {self.name} body: "
+                f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
+            )
+        for key, tensor in own.items():
+            if body_state[key].shape != tensor.shape:
+                raise ValueError(
+                    f"backbone_weights: {key} has shape {tuple(body_state[key].shape)}, expected {tuple(tensor.shape)}"
+                )
+        self.body.load_state_dict({k: v for k, v in body_state.items() if k not in ignorable}, strict=True)
+
+
+def build_backbone(
+    name: str = "resnet50", norm: str = "frozen", freeze_stages: int | None = None, weights: str | None = None
+) -> Backbone:
+    """The backbone of :func:`deco.models.build_deco`; ``weights`` is a local state-dict file or None."""
+    backbone = Backbone(name, norm, freeze_stages)
+    if weights is not None:
+        backbone.load_pretrained(weights)
+    return backbone

@@ -1,0 +1,93 @@
+"""Building blocks shared by the encoder and decoder, with the ``kernels="stock"|"fused"`` switch.
+
+``"stock"`` builds plain PyTorch modules (``nn.Conv2d(groups=C)``, nearest ``F.interpolate``,
+``F.adaptive_max_pool2d``); ``"fused"`` builds the drop-in modules of :mod:`deco_kernels.nn` (imported only
+then), whose parameters have the same names and shapes, so one state_dict serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deco_kernels import reference
+
+KERNELS = ("stock", "fused")
+
+
+def check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNELS))}; got {kernels!r}")
+    return kernels
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a B x C x H x W map (ConvNeXt's "channels_first" LayerNorm).
+
+    Parameters ``weight``/``bias`` (C) as in ``nn.LayerNorm(C)``. Returns B x C x H x W.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(
+            0, 3, 1, 2
+        )
+
+
+class StockUpsampleAddConv(nn.Conv2d):
+    """The CIM front in plain PyTorch: ``dwconv(u + memory) + u``, ``u`` = nearest upsampling of the query map.
+
+    Parameters as ``nn.Conv2d(C, C, k, padding=k // 2, groups=C)`` (``weight`` C x 1 x k x k, ``bias`` C), the
+    same as :class:`deco_kernels.nn.UpsampleAddConv`. forward(query B x C x h x w, memory B x C x H x W)
+    -> B x C x H x W.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return reference.upsample_add_conv(query, memory, self.weight, self.bias)
+
+
+def depthwise_conv(channels: int, kernel_size: int, kernels: str) -> nn.Module:
+    """Depthwise 'same' convolution with bias: B x C x H x W -> B x C x H x W."""
+    if check_kernels(kernels) == "fused":
+        from deco_kernels.nn import DepthwiseConv2d
+
+        return DepthwiseConv2d(channels, kernel_size, bias=True)
+    return nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+
+
+def upsample_add_conv(channels: int, kernel_size: int, kernels: str) -> nn.Module:
+    """The CIM front (see :class:`StockUpsampleAddConv`); forward(query, memory)."""
+    if check_kernels(kernels) == "fused":
+        from deco_kernels.nn import UpsampleAddConv
+
+        return UpsampleAddConv(channels, kernel_size, bias=True)
+    return StockUpsampleAddConv(channels, kernel_size)
+
+
+def adaptive_max_pool(output_size: tuple[int, int], kernels: str) -> nn.Module:
+    """Adaptive max pooling B x C x H x W -> B x C x oh x ow (PyTorch's window rule)."""
+    if check_kernels(kernels) == "fused":
+        from deco_kernels.nn import AdaptiveMaxPool2d
+
+        return AdaptiveMaxPool2d(output_size)
+    return nn.AdaptiveMaxPool2d(output_size)
+
+
+class ConvFFN(nn.Module):
+    """The ConvNeXt-style point-wise part shared by encoder blocks, SIM and CIM.
+
+    ``x`` B x H x W x C (channels last) -> ``gamma * fc2(GELU(fc1(x)))``, same shape; hidden width
+    ``ffn_ratio * C``; ``gamma`` is the per-channel layer scale (init 1e-6).
+    """
+
+    def __init__(self, channels: int, ffn_ratio: int, layer_scale_init: float = 1e-6):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, ffn_ratio * channels)
+        self.fc2 = nn.Linear(ffn_ratio * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), layer_scale_init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * self.fc2(F.gelu(self.fc1(x)))
