@@ -1,0 +1,102 @@
+"""``deco eval``: COCO box metrics of a checkpoint on a COCO-format dataset, optionally under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+from deco.data import build_dataset, collate_fn, make_transforms
+from deco.data.files import write_json_atomically
+from deco.distributed import cleanup, init_distributed, is_distributed, is_main_process
+from deco.evaluation import CocoEvaluator, build_model_from_checkpoint, evaluate, format_metrics, load_model_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="COCO box metrics (AP, AP50, ..., ARl) of a checkpoint",
+        description="Evaluate a checkpoint on a COCO-format dataset (layout: see deco.data.build_dataset), print "
+        "the 12 COCO metrics and optionally write them as JSON. Runs data-parallel under torchrun.",
+    )
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset root")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint of deco train / convert")
+    parser.add_argument("--split", default="val", help="split to evaluate (default val)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per batch and process (default 2)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (default 2)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda (default auto)")
+    add_eval_size_arguments(parser)
+    parser.add_argument("--out", metavar="metrics.json", help="write the metrics here as JSON")
+    parser.set_defaults(func=run)
+
+
+def add_eval_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--eval-size`` / ``--max-size``, shared with ``deco predict``."""
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        help="shorter image side fed to the model (default: the checkpoint's training config, else 800)",
+    )
+    parser.add_argument(
+        "--max-size", type=int, help="longest image side (default: the checkpoint's training config, else 1333)"
+    )
+
+
+def eval_transforms(args: argparse.Namespace, checkpoint: dict):
+    """Evaluation resize: command-line values, else the sizes the checkpoint was trained for (its "config"),
+    else DETR's 800 / 1333."""
+    config = checkpoint.get("config") or {}
+    eval_size = args.eval_size or config.get("eval_size", 800)
+    max_size = args.max_size or config.get("max_size", 1333)
+    logger.info("evaluation resize: shorter side %d, longer side <= %d", eval_size, max_size)
+    return make_transforms(False, eval_size=eval_size, max_size=max_size)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _check_categories(model_categories: list[dict], dataset_categories: list[dict]) -> None:
+    model_pairs = [(c["id"], c["name"]) for c in model_categories]
+    dataset_pairs = [(c["id"], c["name"]) for c in dataset_categories]
+    if model_pairs != dataset_pairs:
+        logger.warning(
+            "the checkpoint's %d categories differ from the dataset's %d; detections are scored by the "
+            "checkpoint's category ids",
+            len(model_pairs),
+            len(dataset_pairs),
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    device = init_distributed(resolve_device(args.device))
+    try:
+        checkpoint = load_model_checkpoint(args.checkpoint)
+        dataset = build_dataset(args.data, args.split, train=False, transforms=eval_transforms(args, checkpoint))
+        _check_categories(checkpoint["categories"], dataset.categories)
+        model = build_model_from_checkpoint(checkpoint, device)
+        sampler = DistributedSampler(dataset, shuffle=False) if is_distributed() else SequentialSampler(dataset)
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=args.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        evaluator = CocoEvaluator(dataset.coco, checkpoint["categories"])
+        metrics = evaluate(model, loader, evaluator, device)
+        if is_main_process():
+            print(format_metrics(metrics))
+            if args.out:
+                write_json_atomically(args.out, metrics)
+                logger.info("metrics written to %s", args.out)
+    finally:
+        cleanup()
+    return 0
