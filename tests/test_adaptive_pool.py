@@ -22,6 +22,8 @@ from deco_kernels.triton import adaptive_pool as triton_pool
 
 MAX_OP = torch.ops.deco_kernels.adaptive_max_pool2d
 AVG_OP = torch.ops.deco_kernels.adaptive_avg_pool2d
+MAX_BACKWARD_OP = torch.ops.deco_kernels.adaptive_max_pool2d_backward
+AVG_BACKWARD_OP = torch.ops.deco_kernels.adaptive_avg_pool2d_backward
 
 
 def _target(device: str, backend: str):
@@ -275,8 +277,8 @@ def test_opcheck(target, layout):
         (MAX_OP, (x, [3, 4], backend)),
         (MAX_OP, (x.clone().requires_grad_(), [3, 4], backend)),
         (AVG_OP, (x.clone().requires_grad_(), [3, 4], backend)),
-        (torch.ops.deco_kernels.adaptive_max_pool2d_backward, (grad_y.clone().requires_grad_(), indices, [7, 9], backend)),
-        (torch.ops.deco_kernels.adaptive_avg_pool2d_backward, (grad_y.clone().requires_grad_(), [7, 9], backend)),
+        (MAX_BACKWARD_OP, (grad_y.clone().requires_grad_(), indices, [7, 9], backend)),
+        (AVG_BACKWARD_OP, (grad_y.clone().requires_grad_(), [7, 9], backend)),
     )
     for op, args in ops_and_args:
         torch.library.opcheck(op, args)
@@ -296,5 +298,6 @@ def test_torch_compile_fullgraph(target):
     x_compiled = x.clone().requires_grad_()
     x_eager = x.clone().requires_grad_()
     compiled(x_compiled).backward()
-    (F.adaptive_max_pool2d(x_eager, (3, 4)).square().sum() + F.adaptive_avg_pool2d(x_eager, 2).square().sum()).backward()
+    eager_max, eager_avg = F.adaptive_max_pool2d(x_eager, (3, 4)), F.adaptive_avg_pool2d(x_eager, 2)
+    (eager_max.square().sum() + eager_avg.square().sum()).backward()
     assert_close(x_compiled.grad, x_eager.grad.double(), torch.float32, "compiled grad")
