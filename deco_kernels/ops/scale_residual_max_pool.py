@@ -1,0 +1,183 @@
+"""The CIM back end ``adaptive_max_pool2d(z + gamma * ffn)`` as one op that never writes the full-resolution sum.
+
+Layout: ``z`` and ``ffn`` are B x H x W x C (channels innermost, as the CIM's Linear layers leave them),
+``gamma`` is C; the result is B x C x OH x OW in channels-last memory format, the same tensor as
+``F.adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), output_size)``. For low-precision z/ffn the
+sum is formed in fp32 and rounded once, to z's dtype.
+
+Backend ``"torch"`` is :func:`reference_scale_residual_max_pool` (native autograd); ``"triton"`` runs
+``deco_kernels::scale_residual_max_pool`` (returns the pooled map, the argmax and ffn at the argmax) whose
+backward ``deco_kernels::scale_residual_max_pool_backward`` routes each window's gradient to its argmax:
+``grad_z = grad_s``, ``grad_ffn = gamma * grad_s``, ``grad_gamma = sum grad_y * ffn[argmax]`` (deterministic).
+There is no CUDA kernel for this fusion: where ``"cuda"`` is selected it runs the Triton kernels when Triton
+can run on the device, else the reference (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from deco_kernels.backend import available_backends, resolve_backend
+from deco_kernels.ops._common import (
+    check_activation,
+    check_same_device,
+    check_same_dtype,
+    empty_output,
+    parameter_as_fp32,
+)
+from deco_kernels.ops.adaptive_pool import _output_size
+
+__all__ = ["reference_scale_residual_max_pool", "scale_residual_max_pool"]
+
+logger = logging.getLogger("deco_kernels")
+_OP = "scale_residual_max_pool"
+_substitution_logged: set[str] = set()
+
+
+def reference_scale_residual_max_pool(
+    z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: int | tuple[int, int]
+) -> torch.Tensor:
+    """``F.adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), output_size)`` in z's dtype.
+
+    z, ffn: B x H x W x C; gamma: C. Returns B x C x OH x OW (channels-last memory format).
+    """
+    return F.adaptive_max_pool2d((z + gamma.to(z.dtype) * ffn).permute(0, 3, 1, 2), output_size)
+
+
+def _triton_primitives():
+    from deco_kernels.triton import scale_residual_max_pool as module
+
+    return module
+
+
+def _check_backend(backend: str) -> None:
+    if backend != "triton":
+        raise ValueError(f"deco_kernels::{_OP} has a Triton kernel only; got backend {backend!r}")
+
+
+@torch.library.custom_op("deco_kernels::scale_residual_max_pool", mutates_args=())
+def _scale_residual_max_pool_op(
+    z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: list[int], backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, ffn: B x H x W x C; gamma: C fp32 -> (y, indices, ffn at argmax): B x C x OH x OW, channels-last."""
+    _check_backend(backend)
+    return _triton_primitives().scale_residual_max_pool_forward(z, ffn, gamma, (output_size[0], output_size[1]))
+
+
+@_scale_residual_max_pool_op.register_fake
+def _(z, ffn, gamma, output_size, backend):
+    shape = (z.shape[0], z.shape[3], output_size[0], output_size[1])
+    return (
+        empty_output(shape, z, memory_format=torch.channels_last),
+        empty_output(shape, z, dtype=torch.int64, memory_format=torch.channels_last),
+        empty_output(shape, ffn, memory_format=torch.channels_last),
+    )
+
+
+@torch.library.custom_op("deco_kernels::scale_residual_max_pool_backward", mutates_args=())
+def _scale_residual_max_pool_backward_op(
+    grad_y: torch.Tensor,
+    gamma: torch.Tensor,
+    indices: torch.Tensor,
+    picked_ffn: torch.Tensor,
+    input_size: list[int],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (grad_z, grad_ffn: B x H x W x C in grad_y's dtype, grad_gamma: C float32)."""
+    _check_backend(backend)
+    return _triton_primitives().scale_residual_max_pool_backward(
+        grad_y, gamma, indices, picked_ffn, (input_size[0], input_size[1])
+    )
+
+
+@_scale_residual_max_pool_backward_op.register_fake
+def _(grad_y, gamma, indices, picked_ffn, input_size, backend):
+    shape = (grad_y.shape[0], input_size[0], input_size[1], grad_y.shape[1])
+    return (
+        empty_output(shape, grad_y, memory_format=torch.contiguous_format),
+        empty_output(shape, grad_y, memory_format=torch.contiguous_format),
+        empty_output((grad_y.shape[1],), grad_y, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    z, _, gamma, _, backend = inputs
+    _, indices, picked_ffn = output
+    ctx.mark_non_differentiable(indices, picked_ffn)
+    ctx.save_for_backward(gamma, indices, picked_ffn)
+    ctx.input_size = [z.shape[1], z.shape[2]]
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y, _grad_indices, _grad_picked_ffn):
+    gamma, indices, picked_ffn = ctx.saved_tensors
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    grad_z, grad_ffn, grad_gamma = _scale_residual_max_pool_backward_op(
+        grad_y, gamma, indices, picked_ffn, ctx.input_size, ctx.backend
+    )
+    return grad_z, grad_ffn, grad_gamma, None, None
+
+
+_scale_residual_max_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_backend(device: torch.device, backend: str) -> str:
+    """The backend that runs this op when ``backend`` was resolved: "cuda" has no kernel here."""
+    if backend != "cuda":
+        return backend
+    substitute = "triton" if "triton" in available_backends(device) else "torch"
+    if device.type not in _substitution_logged:
+        _substitution_logged.add(device.type)
+        logger.info("deco_kernels: %s has no CUDA kernel; %s runs the %r backend", _OP, device.type, substitute)
+    return substitute
+
+
+def _check_inputs(z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor) -> None:
+    check_activation(z, "z", _OP)
+    check_activation(ffn, "ffn", _OP)
+    check_same_device(z, "z", ffn, "ffn", _OP)
+    check_same_dtype(z, "z", ffn, "ffn", _OP)
+    if ffn.shape != z.shape:
+        raise ValueError(f"{_OP}: ffn must have z's shape B x H x W x C {tuple(z.shape)}; got {tuple(ffn.shape)}")
+    if not isinstance(gamma, torch.Tensor) or not gamma.is_floating_point():
+        got = gamma.dtype if isinstance(gamma, torch.Tensor) else type(gamma).__name__
+        raise TypeError(f"{_OP}: gamma must be a floating tensor of shape (C,); got {got}")
+    check_same_device(z, "z", gamma, "gamma", _OP)
+    if tuple(gamma.shape) != (z.shape[3],):
+        raise ValueError(
+            f"{_OP}: gamma must have shape ({z.shape[3]},) (one per channel of the B x H x W x C z); "
+            f"got {tuple(gamma.shape)}"
+        )
+    if z.shape[1] < 1 or z.shape[2] < 1:
+        raise ValueError(f"{_OP}: z must have H >= 1 and W >= 1 (z is B x H x W x C); got {tuple(z.shape)}")
+
+
+def scale_residual_max_pool(
+    z: torch.Tensor,
+    ffn: torch.Tensor,
+    gamma: torch.Tensor,
+    output_size: int | Sequence[int | None],
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), output_size)`` without writing the sum.
+
+    z, ffn: B x H x W x C, same dtype (float32/float16/bfloat16) and device; gamma: C (any floating dtype; its
+    gradient comes back in its dtype); output_size: int or (OH, OW), None keeps that input dim. Returns
+    B x C x OH x OW in z's dtype, channels-last memory format.
+    """
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{_OP}: z must be a torch.Tensor; got {type(z).__name__}")
+    backend = _kernel_backend(z.device, resolve_backend(z.device, backend, op=_OP))
+    _check_inputs(z, ffn, gamma)
+    size = _output_size(z.permute(0, 3, 1, 2), output_size, _OP)
+    if backend == "torch":
+        return reference_scale_residual_max_pool(z, ffn, gamma, size)
+    y, _, _ = _scale_residual_max_pool_op(
+        z.contiguous(), ffn.contiguous(), parameter_as_fp32(gamma), list(size), backend
+    )
+    return y
