@@ -66,6 +66,9 @@ class Encoder(nn.Module):
         )
         self.transitions = nn.ModuleList(StageTransition(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.norm = LayerNorm2d(dims[-1], eps=1e-6)
+        # Never applied, so it never gets a gradient: excluded from training (DistributedDataParallel rejects
+        # trainable parameters without gradients) but still a parameter, so counts and checkpoints match.
+        self.norm.requires_grad_(False)
         # ConvNeXt initialises every bias to zero (LayerNorm biases already are); the model re-initialises the
         # weights with xavier_uniform.
         for name, parameter in self.named_parameters():

@@ -1,0 +1,348 @@
+"""Released-checkpoint conversion: key layout, strict loading, and outputs equal to an independent
+re-statement of the released forward pass written here with plain functional calls on the released tensors."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deco.cli import main as cli_main
+from deco.models import build_deco, convert_official_checkpoint, convert_official_state_dict, infer_official_config
+
+# ---------------------------------------------------------------------------------------------------------------
+# The released key layout, generated from the spec ("Checkpoint layout") and torchvision's ResNet naming.
+# ---------------------------------------------------------------------------------------------------------------
+
+RESNETS = {
+    # name: (blocks per stage, bottleneck?)
+    "resnet18": ((2, 2, 2, 2), False),
+    "resnet50": ((3, 4, 6, 3), True),
+}
+
+
+def _bn_keys(prefix, channels):
+    return {f"{prefix}.{name}": (channels,) for name in ("weight", "bias", "running_mean", "running_var")}
+
+
+def released_resnet_layout(name):
+    """torchvision ResNet body keys (frozen BN: no num_batches_tracked) under ``backbone.0.body.``."""
+    blocks, bottleneck = RESNETS[name]
+    expansion = 4 if bottleneck else 1
+    p = "backbone.0.body"
+    layout = {f"{p}.conv1.weight": (64, 3, 7, 7), **_bn_keys(f"{p}.bn1", 64)}
+    in_channels = 64
+    for stage, (count, width) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
+        for block in range(count):
+            b = f"{p}.layer{stage}.{block}"
+            if bottleneck:
+                convs = [(width, in_channels, 1), (width, width, 3), (width * expansion, width, 1)]
+            else:
+                convs = [(width, in_channels, 3), (width, width, 3)]
+            for index, (out_c, in_c, k) in enumerate(convs, start=1):
+                layout[f"{b}.conv{index}.weight"] = (out_c, in_c, k, k)
+                layout.update(_bn_keys(f"{b}.bn{index}", out_c))
+            stride = 2 if stage > 1 and block == 0 else 1
+            if stride != 1 or in_channels != width * expansion:
+                layout[f"{b}.downsample.0.weight"] = (width * expansion, in_channels, 1, 1)
+                layout.update(_bn_keys(f"{b}.downsample.1", width * expansion))
+            in_channels = width * expansion
+    return layout, in_channels
+
+
+def released_layout(backbone="resnet18", num_classes=91, num_queries=100, d_model=480,
+                    enc_dims=(120, 240, 480), enc_depths=(2, 6, 2), num_layers=6, ffn_ratio=4):
+    layout, backbone_channels = released_resnet_layout(backbone)
+    layout["input_proj.weight"] = (enc_dims[0], backbone_channels, 1, 1)
+    layout["input_proj.bias"] = (enc_dims[0],)
+    layout["query_embed.weight"] = (num_queries, d_model)
+    layout["deco_convnet.tgt.weight"] = (num_queries, d_model)
+    enc = "deco_convnet.encoder._encoder"
+    for s, (dim, depth) in enumerate(zip(enc_dims, enc_depths)):
+        for b in range(depth):
+            k = f"{enc}.stages.{s}.{b}"
+            layout.update({
+                f"{k}.dwconv.weight": (dim, 1, 7, 7), f"{k}.dwconv.bias": (dim,),
+                f"{k}.norm.weight": (dim,), f"{k}.norm.bias": (dim,),
+                f"{k}.pwconv1.weight": (4 * dim, dim), f"{k}.pwconv1.bias": (4 * dim,),
+                f"{k}.pwconv2.weight": (dim, 4 * dim), f"{k}.pwconv2.bias": (dim,),
+                f"{k}.gamma": (dim,),
+            })
+    for s, (a, b) in enumerate(zip(enc_dims[:-1], enc_dims[1:])):
+        k = f"{enc}.downsample_layers.{s}"
+        layout.update({f"{k}.0.weight": (a,), f"{k}.0.bias": (a,), f"{k}.1.weight": (b, a, 1, 1), f"{k}.1.bias": (b,)})
+    layout[f"{enc}.norm.weight"] = (enc_dims[-1],)
+    layout[f"{enc}.norm.bias"] = (enc_dims[-1],)
+    hidden = ffn_ratio * d_model
+    for layer in range(num_layers):
+        k = f"deco_convnet.decoder.layers.{layer}"
+        for part in ("1", "2"):
+            layout.update({
+                f"{k}.dwconv{part}.weight": (d_model, 1, 9, 9), f"{k}.dwconv{part}.bias": (d_model,),
+                f"{k}.norm{part}.weight": (d_model,), f"{k}.norm{part}.bias": (d_model,),
+                f"{k}.pwconv{part}_1.weight": (hidden, d_model), f"{k}.pwconv{part}_1.bias": (hidden,),
+                f"{k}.pwconv{part}_2.weight": (d_model, hidden), f"{k}.pwconv{part}_2.bias": (d_model,),
+                f"{k}.gamma{part}": (d_model,),
+            })
+    layout["deco_convnet.decoder.norm.weight"] = (d_model,)
+    layout["deco_convnet.decoder.norm.bias"] = (d_model,)
+    for layer in range(num_layers):
+        layout[f"class_embed.{layer}.weight"] = (num_classes, d_model)
+        layout[f"class_embed.{layer}.bias"] = (num_classes,)
+        for i, (out_d, in_d) in enumerate(((d_model, d_model), (d_model, d_model), (4, d_model))):
+            for prefix in ("", "deco_convnet.decoder."):
+                layout[f"{prefix}bbox_embed.{layer}.layers.{i}.weight"] = (out_d, in_d)
+                layout[f"{prefix}bbox_embed.{layer}.layers.{i}.bias"] = (out_d,)
+    return layout
+
+
+def random_released_state_dict(layout, seed=0):
+    """Random tensors of the released layout, scaled so activations stay O(1); duplicates are copies."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    state = {}
+    for key, shape in layout.items():
+        if key.startswith("deco_convnet.decoder.bbox_embed."):
+            continue
+        if key.endswith("running_var"):
+            value = torch.rand(*shape, generator=generator) + 0.5
+        elif key.endswith(("running_mean", ".bias")):
+            value = 0.1 * randn(*shape)
+        elif key.endswith("gamma"):
+            # Far from the 1e-6 initialisation, so every FFN branch matters in the comparison.
+            value = 0.5 * randn(*shape)
+        elif len(shape) == 1:  # BN / LN weights
+            value = 1 + 0.1 * randn(*shape)
+        elif key.endswith(("query_embed.weight", "tgt.weight")):
+            value = randn(*shape)
+        else:
+            fan_in = math.prod(shape[1:])
+            value = randn(*shape) / math.sqrt(fan_in)
+        state[key] = value
+    for key in layout:
+        if key.startswith("deco_convnet.decoder.bbox_embed."):
+            state[key] = state[key.removeprefix("deco_convnet.decoder.")].clone()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The released forward pass, restated functionally on the released tensors (no project code, no torchvision).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _frozen_bn(x, sd, prefix):
+    scale = sd[f"{prefix}.weight"] * (sd[f"{prefix}.running_var"] + 1e-5).rsqrt()
+    shift = sd[f"{prefix}.bias"] - sd[f"{prefix}.running_mean"] * scale
+    return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def _resnet(x, sd, name):
+    p = "backbone.0.body"
+    blocks, bottleneck = RESNETS[name]
+    x = F.relu(_frozen_bn(F.conv2d(x, sd[f"{p}.conv1.weight"], stride=2, padding=3), sd, f"{p}.bn1"))
+    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    for stage, count in enumerate(blocks, start=1):
+        for block in range(count):
+            b = f"{p}.layer{stage}.{block}"
+            stride = 2 if stage > 1 and block == 0 else 1
+            if bottleneck:  # torchvision puts the stride on the 3x3 conv
+                y = F.relu(_frozen_bn(F.conv2d(x, sd[f"{b}.conv1.weight"]), sd, f"{b}.bn1"))
+                y = F.relu(_frozen_bn(F.conv2d(y, sd[f"{b}.conv2.weight"], stride=stride, padding=1), sd, f"{b}.bn2"))
+                y = _frozen_bn(F.conv2d(y, sd[f"{b}.conv3.weight"]), sd, f"{b}.bn3")
+            else:
+                y = F.relu(_frozen_bn(F.conv2d(x, sd[f"{b}.conv1.weight"], stride=stride, padding=1), sd, f"{b}.bn1"))
+                y = _frozen_bn(F.conv2d(y, sd[f"{b}.conv2.weight"], padding=1), sd, f"{b}.bn2")
+            if f"{b}.downsample.0.weight" in sd:
+                x = _frozen_bn(F.conv2d(x, sd[f"{b}.downsample.0.weight"], stride=stride), sd, f"{b}.downsample.1")
+            x = F.relu(x + y)
+    return x
+
+
+def _channels_last_ffn(x, sd, norm, fc1, fc2, gamma):
+    """x: B x C x H x W -> gamma * fc2(gelu(fc1(LN(x)))), returned B x H x W x C, with the LN output."""
+    x = x.permute(0, 2, 3, 1)
+    z = F.layer_norm(x, x.shape[-1:], sd[f"{norm}.weight"], sd[f"{norm}.bias"], 1e-6)
+    h = F.linear(F.gelu(F.linear(z, sd[f"{fc1}.weight"], sd[f"{fc1}.bias"])), sd[f"{fc2}.weight"], sd[f"{fc2}.bias"])
+    return sd[gamma] * h, z
+
+
+def _depthwise(x, sd, prefix):
+    weight = sd[f"{prefix}.weight"]
+    return F.conv2d(x, weight, sd[f"{prefix}.bias"], padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def released_forward(images, sd, backbone, query_grid=(10, 10)):
+    """The released DECO forward: dict of pred_logits / pred_boxes per decoder layer (list, last = final)."""
+    x = _resnet(images, sd, backbone)
+    x = F.conv2d(x, sd["input_proj.weight"], sd["input_proj.bias"])
+    enc = "deco_convnet.encoder._encoder"
+    stage = 0
+    while f"{enc}.stages.{stage}.0.gamma" in sd:
+        if stage > 0:
+            ds = f"{enc}.downsample_layers.{stage - 1}"
+            mean = x.mean(1, keepdim=True)
+            var = (x - mean).pow(2).mean(1, keepdim=True)
+            x = (x - mean) / torch.sqrt(var + 1e-6)
+            x = sd[f"{ds}.0.weight"][:, None, None] * x + sd[f"{ds}.0.bias"][:, None, None]
+            x = F.conv2d(x, sd[f"{ds}.1.weight"], sd[f"{ds}.1.bias"])
+        block = 0
+        while f"{enc}.stages.{stage}.{block}.gamma" in sd:
+            k = f"{enc}.stages.{stage}.{block}"
+            update, _ = _channels_last_ffn(_depthwise(x, sd, f"{k}.dwconv"), sd, f"{k}.norm", f"{k}.pwconv1",
+                                           f"{k}.pwconv2", f"{k}.gamma")
+            x = x + update.permute(0, 3, 1, 2)
+            block += 1
+        stage += 1
+    memory = x
+    batch, d_model, height, width = memory.shape
+    qh, qw = query_grid
+
+    def as_grid(embedding):  # Q x d -> B x d x qh x qw as the release does it
+        return embedding.unsqueeze(1).repeat(1, batch, 1).permute(1, 2, 0).reshape(batch, d_model, qh, qw)
+
+    tgt, query_pos = as_grid(sd["deco_convnet.tgt.weight"]), as_grid(sd["query_embed.weight"])
+    outputs = []
+    layer = 0
+    while f"deco_convnet.decoder.layers.{layer}.gamma1" in sd:
+        k = f"deco_convnet.decoder.layers.{layer}"
+        update, _ = _channels_last_ffn(_depthwise(tgt + query_pos, sd, f"{k}.dwconv1"), sd, f"{k}.norm1",
+                                       f"{k}.pwconv1_1", f"{k}.pwconv1_2", f"{k}.gamma1")
+        tgt = tgt + update.permute(0, 3, 1, 2)
+        up = F.interpolate(tgt, size=[height, width])
+        fused = _depthwise(up + memory, sd, f"{k}.dwconv2") + up
+        update, z = _channels_last_ffn(fused, sd, f"{k}.norm2", f"{k}.pwconv2_1", f"{k}.pwconv2_2", f"{k}.gamma2")
+        tgt = F.adaptive_max_pool2d((z + update).permute(0, 3, 1, 2), (qh, qw))
+        hs = tgt.flatten(2).permute(0, 2, 1)
+        hs = F.layer_norm(hs, (d_model,), sd["deco_convnet.decoder.norm.weight"], sd["deco_convnet.decoder.norm.bias"])
+        logits = F.linear(hs, sd[f"class_embed.{layer}.weight"], sd[f"class_embed.{layer}.bias"])
+        h = hs
+        for i in range(3):
+            h = F.linear(h, sd[f"bbox_embed.{layer}.layers.{i}.weight"], sd[f"bbox_embed.{layer}.layers.{i}.bias"])
+            h = F.relu(h) if i < 2 else h
+        outputs.append({"pred_logits": logits, "pred_boxes": h.sigmoid()})
+        layer += 1
+    return outputs
+
+
+def _relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_released_layout_has_563_keys_for_r50_and_converts_to_a_strict_load():
+    layout = released_layout("resnet50")
+    assert len(layout) == 563
+    state = {key: torch.zeros(shape) for key, shape in layout.items()}
+    config = infer_official_config(state)
+    assert config["backbone"] == "resnet50" and config["query_grid"] == (10, 10)
+    assert config["encoder_dims"] == (120, 240, 480) and config["encoder_depths"] == (2, 6, 2)
+    converted = convert_official_state_dict(state)
+    assert len(converted) == 563 - 36  # the 36 duplicated box-head tensors are dropped
+    with torch.device("meta"):
+        model = build_deco(**config)
+    model.load_state_dict(converted, strict=True, assign=True)
+    # The released encoder + decoder count: everything in them but the positional queries.
+    released_encoder_decoder = [k for k in layout if k.startswith("deco_convnet.") and ".bbox_embed." not in k]
+    assert sum(math.prod(layout[k]) for k in released_encoder_decoder) == 29_666_880
+
+
+def _compare_with_released_forward(released, backbone, images, query_grid=(10, 10)):
+    config = infer_official_config(released, query_grid)
+    assert config["backbone"] == backbone
+    model = build_deco(**config).eval()
+    model.load_state_dict(convert_official_state_dict(released, query_grid), strict=True)
+    with torch.no_grad():
+        ours = model(images)
+        expected = released_forward(images, released, backbone, query_grid)
+    ours_per_layer = ours["aux_outputs"] + [{"pred_logits": ours["pred_logits"], "pred_boxes": ours["pred_boxes"]}]
+    assert len(ours_per_layer) == len(expected) == config["num_decoder_layers"]
+    for layer, (mine, theirs) in enumerate(zip(ours_per_layer, expected)):
+        for name in ("pred_logits", "pred_boxes"):
+            # Boxes are non-trivial (not all sigmoid(-2)) because the random heads are not zero-initialised.
+            assert theirs[name].std() > 1e-3
+            error = _relative_error(mine[name], theirs[name])
+            assert error < 1e-4, f"layer {layer} {name}: relative error {error:.2e}"
+
+
+def test_released_r18_matches_independent_released_forward():
+    """The full released DECO-R18; the 2 x 11 memory map makes the CIM pooling windows overlap."""
+    released = random_released_state_dict(released_layout("resnet18"))
+    _compare_with_released_forward(released, "resnet18", torch.randn(2, 3, 64, 352))
+
+
+def test_r50_bottleneck_backbone_converts_and_matches_with_a_small_head():
+    """ResNet-50 (bottleneck blocks, downsample in layer1) with a small encoder/decoder, odd input size."""
+    layout = released_layout("resnet50", num_classes=7, d_model=32, enc_dims=(16, 32), enc_depths=(1, 2), num_layers=2)
+    _compare_with_released_forward(random_released_state_dict(layout), "resnet50", torch.randn(1, 3, 65, 97))
+
+
+def _small_released(num_queries=100):
+    return random_released_state_dict(
+        released_layout("resnet18", num_classes=5, num_queries=num_queries, d_model=32, enc_dims=(16, 32),
+                        enc_depths=(1, 1), num_layers=2)
+    )
+
+
+def test_small_configuration_is_inferred_and_matches_with_another_query_grid():
+    released = _small_released(num_queries=300)
+    config = infer_official_config(released, query_grid=(15, 20))
+    assert config == {
+        "backbone": "resnet18", "num_classes": 5, "num_queries": 300, "query_grid": (15, 20), "d_model": 32,
+        "encoder_dims": (16, 32), "encoder_depths": (1, 1), "num_decoder_layers": 2, "ffn_ratio": 4,
+    }
+    _compare_with_released_forward(released, "resnet18", torch.randn(2, 3, 64, 96), query_grid=(15, 20))
+
+
+def test_conversion_errors_name_the_key():
+    released = _small_released()
+    with pytest.raises(ValueError, match=r"unknown keys \['deco_convnet\.extra\.weight'\]"):
+        convert_official_state_dict({**released, "deco_convnet.extra.weight": torch.zeros(1)})
+    missing = dict(released)
+    del missing["deco_convnet.decoder.layers.1.gamma2"]
+    with pytest.raises(ValueError, match=r"missing \(our names\) \['decoder\.layers\.1\.cim\.ffn\.gamma'\]"):
+        convert_official_state_dict(missing)
+    reshaped = {**released, "input_proj.weight": torch.zeros(16, 512, 3, 3)}
+    with pytest.raises(ValueError, match=r"shape mismatch for 'input_proj\.weight': \(16, 512, 3, 3\)"):
+        convert_official_state_dict(reshaped)
+    tampered = dict(released)
+    tampered["deco_convnet.decoder.bbox_embed.1.layers.2.bias"] = torch.ones(4)
+    with pytest.raises(ValueError, match=r"'deco_convnet\.decoder\.bbox_embed\.1\.layers\.2\.bias' differs"):
+        convert_official_state_dict(tampered)
+    no_backbone = {k: v for k, v in released.items() if not k.startswith("backbone.0.body.layer4")}
+    with pytest.raises(ValueError, match="cannot tell the backbone"):
+        convert_official_state_dict(no_backbone)
+    with pytest.raises(ValueError, match="query_grid must be given: 125 queries"):
+        infer_official_config({**released, "query_embed.weight": torch.zeros(125, 32)})
+
+
+def test_checkpoint_file_and_cli(tmp_path):
+    released = _small_released()
+    src = tmp_path / "released.pth"
+    torch.save({"model": released, "epoch": 149}, src)
+    dst = tmp_path / "converted.pth"
+    assert cli_main(["convert", str(src), str(dst)]) == 0
+    converted = torch.load(dst, weights_only=True)
+    model = build_deco(**converted["config"])
+    model.load_state_dict(converted["model"], strict=True)
+    torch.testing.assert_close(model.decoder.query_pos.weight, released["query_embed.weight"], rtol=0, atol=0)
+    assert sorted(os.listdir(tmp_path)) == ["converted.pth", "released.pth"]  # no temporary file left
+
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": released}, bad)
+    with pytest.raises(ValueError, match=r"expected a released checkpoint with a 'model' entry; found \['state_dict'\]"):
+        convert_official_checkpoint(bad, tmp_path / "out.pth")
+    assert cli_main(["convert", str(bad), str(tmp_path / "out.pth")]) == 1
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        convert_official_checkpoint(tmp_path / "absent.pth", tmp_path / "out.pth")
+    unknown = tmp_path / "unknown.pth"
+    torch.save({"model": {**released, "mystery": torch.zeros(1)}}, unknown)
+    with pytest.raises(ValueError, match="unknown keys"):
+        convert_official_checkpoint(unknown, tmp_path / "out.pth")
+    assert not (tmp_path / "out.pth").exists()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".convert-")]
