@@ -210,7 +210,7 @@ def scale_residual_max_pool_backward(
     positions = batch * out_h * out_w
     splits = min(triton.cdiv(positions, _POSITIONS_PER_SPLIT), _MAX_SPLITS)
     positions_per_split = triton.cdiv(positions, splits)
-    partial = torch.empty((splits, channels), dtype=torch.float32, device=grad_y.device)
+    partial = empty_output((splits, channels), grad_y, dtype=torch.float32)
     block_p, block_c, gamma_warps = GAMMA_CONFIG
     _scale_residual_max_pool_grad_gamma_kernel[(triton.cdiv(channels, block_c), splits)](
         grad_y, picked_ffn, partial,
