@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from deco.cli import main as cli_main
+from deco.evaluation import build_model_from_checkpoint, load_model_checkpoint
 from deco.models import build_deco, convert_official_checkpoint, convert_official_state_dict, infer_official_config
+from deco.models.convert import released_categories
 
 # ---------------------------------------------------------------------------------------------------------------
 # The released key layout, generated from the spec ("Checkpoint layout") and torchvision's ResNet naming.
@@ -321,6 +323,15 @@ def test_conversion_errors_name_the_key():
         infer_official_config({**released, "query_embed.weight": torch.zeros(125, 32)})
 
 
+def test_coco_categories_of_a_released_model():
+    categories = released_categories(91)
+    assert [c["id"] for c in categories] == list(range(91))
+    named = [c for c in categories if c["name"] != "N/A"]
+    assert len(named) == 80
+    assert categories[1]["name"] == "person" and categories[90]["name"] == "toothbrush"
+    assert [c["id"] for c in categories if c["name"] == "N/A"] == [0, 12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
+
+
 def test_checkpoint_file_and_cli(tmp_path):
     released = _small_released()
     src = tmp_path / "released.pth"
@@ -328,9 +339,14 @@ def test_checkpoint_file_and_cli(tmp_path):
     dst = tmp_path / "converted.pth"
     assert cli_main(["convert", str(src), str(dst)]) == 0
     converted = torch.load(dst, weights_only=True)
-    model = build_deco(**converted["config"])
+    assert sorted(converted) == ["categories", "model", "model_config"]
+    assert converted["categories"] == [{"id": i, "name": f"class {i}"} for i in range(5)]
+    model = build_deco(**converted["model_config"])
     model.load_state_dict(converted["model"], strict=True)
     torch.testing.assert_close(model.decoder.query_pos.weight, released["query_embed.weight"], rtol=0, atol=0)
+    # The evaluation/prediction side reads the same file.
+    loaded = build_model_from_checkpoint(load_model_checkpoint(dst))
+    assert torch.equal(loaded.heads.class_embed[1].weight, released["class_embed.1.weight"])
     assert sorted(os.listdir(tmp_path)) == ["converted.pth", "released.pth"]  # no temporary file left
 
     bad = tmp_path / "bad.pth"

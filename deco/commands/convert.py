@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
         help="convert a released DECO checkpoint to this project's layout",
         description="Read SRC (a checkpoint of the authors' release, state dict under 'model'), map its keys to "
         "deco.models.build_deco's layout, check every key and shape, and write DST atomically as "
-        "{'model': state_dict, 'config': build_deco keyword arguments}.",
+        "{'model': state_dict, 'model_config': build_deco keyword arguments, 'categories': [...]}, "
+        "the checkpoint format that deco eval and deco predict read.",
     )
     parser.add_argument("src", metavar="SRC", help="released checkpoint (.pth)")
     parser.add_argument("dst", metavar="DST", help="converted checkpoint to write")

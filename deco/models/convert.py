@@ -21,7 +21,10 @@ Released layout (spec, "Checkpoint layout") -> ours:
 heads)
 ============================================================================  ==========================================
 
-A converted file holds ``{"model": state_dict, "config": build_deco keyword arguments}``.
+A converted file holds ``{"model": state_dict, "model_config": build_deco keyword arguments, "categories":
+[{"id", "name"} per class slot]}``, the inference checkpoint format of :mod:`deco.evaluation`. The release
+follows DETR: class slot ``i`` is COCO category id ``i`` (91 slots, 0 and the ten ids COCO 2017 leaves unused
+named "N/A").
 """
 
 from __future__ import annotations
@@ -78,6 +81,31 @@ _RULES: list[tuple[re.Pattern, str]] = [
         (rf"bbox_embed\.(\d+)\.layers\.(\d+)\.{_PARAM}", r"heads.bbox_embed.\1.layers.\2.\3"),
     ]
 ]
+# COCO 2017 category ids and names (the ids are not contiguous).
+COCO_CATEGORY_NAMES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
+    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich",
+    55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair",
+    63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet", 72: "tv", 73: "laptop",
+    74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster",
+    81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
+    89: "hair drier", 90: "toothbrush",
+}
+
+
+def released_categories(num_classes: int) -> list[dict]:
+    """``{"id", "name"}`` per class slot of a released model: slot ``i`` is category id ``i``; with 91 slots
+    (COCO) the names are COCO's ("N/A" for unused ids), otherwise "class i"."""
+    if num_classes == 91:
+        return [{"id": i, "name": COCO_CATEGORY_NAMES.get(i, "N/A")} for i in range(num_classes)]
+    return [{"id": i, "name": f"class {i}"} for i in range(num_classes)]
+
+
 _DUPLICATE_BOX_HEAD = re.compile(r"deco_convnet\.decoder\.(bbox_embed\..+)")
 
 
@@ -188,13 +216,14 @@ def convert_official_checkpoint(
     query_grid: tuple[int, int] | None = None,
     trust_pickle: bool = False,
 ) -> dict:
-    """Read a released checkpoint (state dict under ``"model"``), convert it, write ``{"model", "config"}``.
+    """Read a released checkpoint (state dict under ``"model"``), convert it, write
+    ``{"model", "model_config", "categories"}`` (see the module docstring).
 
     The source is read with ``torch.load(weights_only=True)`` (tensors, containers and the ``argparse.Namespace``
     of training arguments that DETR-style checkpoints carry); ``trust_pickle=True`` allows any pickled object,
     only for files from a trusted source. The file is written to a temporary file beside ``dst_path`` and
     moved into place with ``os.replace``, so a failed or interrupted conversion never leaves a partial file.
-    Returns the config (``build_deco`` kwargs).
+    Returns the model config (``build_deco`` kwargs).
     """
     src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
     if not os.path.isfile(src_path):
@@ -219,7 +248,10 @@ def convert_official_checkpoint(
     handle, temp_path = tempfile.mkstemp(prefix=".convert-", suffix=".pth", dir=directory)
     os.close(handle)
     try:
-        torch.save({"model": state_dict, "config": config}, temp_path)
+        torch.save(
+            {"model": state_dict, "model_config": config, "categories": released_categories(config["num_classes"])},
+            temp_path,
+        )
         os.replace(temp_path, dst_path)
     except BaseException:
         os.unlink(temp_path)
