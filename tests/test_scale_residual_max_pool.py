@@ -232,3 +232,22 @@ def test_torch_compile_fullgraph(device):
     _, expected_grads = _reference(z, ffn, gamma, (3, 4), 2 * y)
     for leaf, expected in zip(leaves, expected_grads):
         assert_close(leaf.grad, expected, torch.float32, "compiled grad")
+
+
+def test_cuda_selection_runs_the_triton_kernels(device, monkeypatch, caplog):
+    """There is no CUDA kernel for this fusion: a process set to "cuda" gets Triton's (and is told so)."""
+    import deco_kernels.ops.scale_residual_max_pool as fused_ops
+
+    monkeypatch.setattr(fused_ops, "resolve_backend", lambda device, backend, op: "cuda")
+    monkeypatch.setattr(fused_ops, "_substitution_logged", set())
+    launched = []
+    triton_forward = triton_fused.scale_residual_max_pool_forward
+    monkeypatch.setattr(
+        triton_fused, "scale_residual_max_pool_forward", lambda *args: launched.append(1) or triton_forward(*args)
+    )
+    z, ffn, gamma = _inputs((2, 3, 7, 9, 3, 4), torch.float32, device)
+    with caplog.at_level("INFO", logger="deco_kernels"):
+        y = scale_residual_max_pool(z, ffn, gamma, (3, 4), backend="cuda")
+    assert launched == [1]
+    assert "no CUDA kernel" in caplog.text
+    assert_close(y, _reference(z, ffn, gamma, (3, 4), torch.zeros(2, 3, 3, 4, device=device))[0], torch.float32, "y")
