@@ -1,0 +1,159 @@
+"""Check a results file against the speed targets of the kernels issue; prints each as met / missed / no data.
+
+``python -m benchmarks.check_targets RESULTS.json [...]`` (several files are merged first). Exit status 0
+whatever the outcome: this reports, it does not gate.
+
+For each target the ratio is computed per row (op or model, shape, dtype) and the *worst* row decides, so
+"met" means met everywhere the target applies. The fused side is each deco backend separately (Triton, CUDA),
+each at its better memory layout; "eager" is the faster of the NCHW and channels-last eager runs; "compile"
+the faster of the compile modes measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from benchmarks.cases import LARGE_GROUPS
+from benchmarks.results import load, merge
+
+__all__ = ["TARGETS", "Outcome", "evaluate"]
+
+EAGER = ("eager-nchw", "eager-cl")
+COMPILE = ("compile", "compile-max-autotune")
+BACKENDS = {"triton": ("deco-triton", "deco-triton-cl"), "cuda": ("deco-cuda", "deco-cuda-cl")}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    target: str
+    threshold: float
+    unit: str  # "x" (speed-up) or "%" (of the roofline floor)
+    side: str  # which fused implementation
+    worst: float | None
+    worst_row: str
+    rows: int
+
+    @property
+    def status(self) -> str:
+        if self.worst is None:
+            return "NO DATA"
+        return "MET" if self.worst >= self.threshold else "MISSED"
+
+    def line(self) -> str:
+        if self.worst is None:
+            return f"[NO DATA] {self.target} ({self.side}): nothing measured"
+        measured = f"{self.worst:.2f}{self.unit}"
+        return (
+            f"[{self.status}] {self.target} ({self.side}): worst {measured} vs target {self.threshold:g}{self.unit} "
+            f"over {self.rows} rows (worst: {self.worst_row})"
+        )
+
+
+def _row_key(record: dict) -> tuple:
+    if "op" in record:
+        return (record["op"], json.dumps(record["shape"], sort_keys=True), record["dtype"], record["pass"])
+    return (record["model"], record["batch"], tuple(record["image_size"]), record["dtype"], record["pass"])
+
+
+def _best(records: list[dict], providers: tuple[str, ...]) -> dict[tuple, float]:
+    """Least median per row over ``providers``."""
+    best: dict[tuple, float] = {}
+    for record in records:
+        if record["provider"] in providers:
+            key = _row_key(record)
+            best[key] = min(best.get(key, float("inf")), record["median_ms"])
+    return best
+
+
+def _speedup_outcomes(
+    target: str, threshold: float, records: list[dict], baseline: tuple[str, ...], sides: dict[str, tuple[str, ...]]
+) -> list[Outcome]:
+    base = _best(records, baseline)
+    outcomes = []
+    for side, providers in sides.items():
+        fused = _best(records, providers)
+        ratios = {key: base[key] / fused[key] for key in fused if key in base}
+        if not ratios:
+            outcomes.append(Outcome(target, threshold, "x", side, None, "", 0))
+            continue
+        key = min(ratios, key=ratios.get)
+        outcomes.append(Outcome(target, threshold, "x", side, ratios[key], " ".join(map(str, key)), len(ratios)))
+    return outcomes
+
+
+def _ops(records, op, pass_, where: Callable[[dict], bool] = lambda r: True) -> list[dict]:
+    return [r for r in records if r.get("op") == op and r["pass"] == pass_ and where(r)]
+
+
+def _depthwise_9x9_target_rows(record: dict) -> bool:
+    shape = record["shape"]
+    at_deco_map = record["group"] == "deco" and (shape["H"], shape["W"]) == (25, 42)
+    return shape["kh"] == shape["kw"] == 9 and (at_deco_map or record["group"] == "stride8")
+
+
+def _roofline_outcomes(records: list[dict]) -> list[Outcome]:
+    outcomes = []
+    for side, providers in BACKENDS.items():
+        best: dict[tuple, float] = {}
+        for r in records:
+            if "op" in r and r["group"] in LARGE_GROUPS and r["provider"] in providers:
+                key = _row_key(r)
+                best[key] = max(best.get(key, 0.0), r["roofline_pct"])
+        if not best:
+            outcomes.append(Outcome("large shapes >= 70% of the roofline floor", 70, "%", side, None, "", 0))
+            continue
+        key = min(best, key=best.get)
+        outcomes.append(
+            Outcome("large shapes >= 70% of the roofline floor", 70, "%", side, best[key], " ".join(map(str, key)), len(best))
+        )
+    return outcomes
+
+
+def evaluate(records: list[dict]) -> list[Outcome]:
+    """Every target of the issue over ``records`` (microbenchmark and end-to-end)."""
+    depthwise = _ops(records, "depthwise_conv2d", "fwd+bwd", _depthwise_9x9_target_rows)
+    cim = _ops(records, "upsample_add_conv", "fwd+bwd")
+    max_pool = _ops(records, "adaptive_max_pool2d", "fwd+bwd")
+    outcomes = []
+    outcomes += _speedup_outcomes("depthwise 9x9 fwd+bwd >= 2x faster eager layout", 2.0, depthwise, EAGER, BACKENDS)
+    outcomes += _speedup_outcomes("depthwise 9x9 fwd+bwd >= 1.5x torch.compile", 1.5, depthwise, COMPILE, BACKENDS)
+    outcomes += _speedup_outcomes("CIM front (upsample_add_conv) fwd+bwd >= 3x eager", 3.0, cim, EAGER, BACKENDS)
+    outcomes += _speedup_outcomes("CIM front (upsample_add_conv) fwd+bwd >= 2x torch.compile", 2.0, cim, COMPILE, BACKENDS)
+    outcomes += _speedup_outcomes("adaptive max pool fwd+bwd >= 2x eager", 2.0, max_pool, EAGER, BACKENDS)
+    outcomes += _roofline_outcomes(records)
+
+    r18_train = [r for r in records if r.get("model") == "DECO-R18" and r["pass"] == "train_step"]
+    outcomes += _speedup_outcomes(
+        "DECO-R18 train step >= 1.5x best stock", 1.5, r18_train, ("stock-eager", "stock-compile"),
+        {"fused (eager or compiled)": ("fused-eager", "fused-compile")},
+    )
+    # DECO-R50 against DETR-R50: different models, so rows are matched on batch, image size, dtype and pass.
+    inference = []
+    for r in records:
+        if r.get("pass") == "infer" and r.get("model") in ("DECO-R50", "DETR-R50"):
+            provider = "detr" if r["model"] == "DETR-R50" else r["provider"]
+            inference.append({**r, "model": "R50 inference", "provider": provider})
+    outcomes += _speedup_outcomes(
+        "DECO-R50 inference >= 1.5x DETR-R50", 1.5, inference, ("detr",),
+        {"fused DECO-R50 (eager or compiled)": ("fused-eager", "fused-compile")},
+    )
+    return outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.check_targets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="results JSON files (merged when several)")
+    args = parser.parse_args(argv)
+    document = merge([load(path) for path in args.results])
+    print(f"targets on {document['device']} (torch {document['torch']}, triton {document['triton']}):")
+    for outcome in evaluate(document["records"]):
+        print(outcome.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

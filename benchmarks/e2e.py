@@ -1,0 +1,241 @@
+"""End-to-end benchmarks: DECO / DETR training steps and inference, stock vs fused kernels, eager vs compiled.
+
+One command runs everything (``python -m benchmarks.e2e --out results.json``):
+
+- ``train_step``: forward, Hungarian matching + set criterion (all auxiliary layers), backward, gradient-norm
+  clip 0.1 and an AdamW step, on a padded batch of ``--batch`` images whose sizes vary around
+  ``--image-size`` (like DETR's 800x1333 batches: the first image fills the canvas, the others are smaller
+  and padded; the mask marks the padding). Random weights, synthetic targets (1 to 20 boxes per image).
+- ``infer``: the model's forward at batch 1 on a full ``--image-size`` image, under ``torch.no_grad``.
+
+Providers: ``stock-eager`` / ``fused-eager`` (``build_deco(kernels="stock"|"fused")``), ``stock-compile`` /
+``fused-compile`` (``torch.compile`` of the model; the loss and matcher stay eager, as the matcher runs SciPy),
+``eager`` for DETR-R50. dtypes: ``float32``, or ``bfloat16`` = the model under ``torch.autocast(bfloat16)``.
+Each record holds the median step time (CUDA events, after warm-up), its spread, images/s and the peak of
+``torch.cuda.max_memory_allocated`` over the timed steps; ``speedup`` is against the stock providers of
+the same model, batch, dtype and pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import sys
+import time
+
+import torch
+
+from benchmarks.results import ResultsFile, environment
+from benchmarks.timing import measure
+
+__all__ = ["MODELS", "build_model", "main", "synthetic_batch"]
+
+log = logging.getLogger("benchmarks.e2e")
+
+MODELS = ("deco-r18", "deco-r50", "detr-r50")
+MODEL_NAMES = {"deco-r18": "DECO-R18", "deco-r50": "DECO-R50", "detr-r50": "DETR-R50"}
+DECO_PROVIDERS = ("stock-eager", "fused-eager", "stock-compile", "fused-compile")
+DETR_PROVIDERS = ("eager", "compile")
+STOCK_PROVIDERS = ("stock-eager", "stock-compile")
+NUM_CLASSES = 91
+# A tiny DECO (smoke runs on the CPU): the same code path, a fraction of the work.
+_TINY_DECO = dict(
+    num_queries=4, query_grid=(2, 2), d_model=32, encoder_dims=(16, 32), encoder_depths=(1, 1), num_decoder_layers=2
+)
+
+
+def build_model(model: str, provider: str, tiny: bool = False) -> torch.nn.Module:
+    """The random-weight model of ``model`` for ``provider`` (not yet compiled)."""
+    if model == "detr-r50":
+        from deco.models.detr import build_detr
+
+        return build_detr(NUM_CLASSES)
+    from deco.models.deco import build_deco
+
+    backbone = {"deco-r18": "resnet18", "deco-r50": "resnet50"}[model]
+    kernels = provider.split("-")[0]
+    return build_deco(backbone, NUM_CLASSES, kernels=kernels, **(_TINY_DECO if tiny else {}))
+
+
+def synthetic_batch(
+    batch: int, image_size: tuple[int, int], device: torch.device, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Images B x 3 x H x W (zero on the padding), mask B x H x W (True = padding) and B targets.
+
+    Image 0 fills H x W; the others cover 75-100 % of each side, like a DETR batch of mixed aspect ratios.
+    Targets: 1 to 20 boxes per image, labels in [0, 91), boxes cxcywh inside [0, 1].
+    """
+    height, width = image_size
+    images = torch.zeros(batch, 3, height, width)
+    mask = torch.ones(batch, height, width, dtype=torch.bool)
+    targets = []
+    for index in range(batch):
+        if index == 0:
+            h, w = height, width
+        else:
+            h = int(height * (0.75 + 0.25 * torch.rand((), generator=generator)))
+            w = int(width * (0.75 + 0.25 * torch.rand((), generator=generator)))
+        images[index, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        mask[index, :h, :w] = False
+        count = int(torch.randint(1, 21, (), generator=generator))
+        size = 0.05 + 0.4 * torch.rand(count, 2, generator=generator)
+        centre = size / 2 + (1 - size) * torch.rand(count, 2, generator=generator)
+        targets.append(
+            {
+                "labels": torch.randint(0, NUM_CLASSES, (count,), generator=generator).to(device),
+                "boxes": torch.cat([centre, size], dim=1).to(device),
+            }
+        )
+    return images.to(device), mask.to(device), targets
+
+
+def _autocast(dtype: str, device: torch.device):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device: torch.device) -> dict:
+    """Build, warm up and time one (model, provider, dtype, pass); returns its record."""
+    from deco.losses import build_criterion
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = build_model(model_key, provider, args.smoke).to(device)
+    runner = torch.compile(model) if provider.endswith("compile") else model
+    batch = args.batch if pass_ == "train_step" else 1
+    images, mask, targets = synthetic_batch(batch, tuple(args.image_size), device, generator)
+
+    if pass_ == "train_step":
+        model.train()
+        class_loss = "softmax_ce" if model_key == "detr-r50" else "focal"
+        num_layers = len(model.decoder_layers) if model_key == "detr-r50" else model.config["num_decoder_layers"]
+        criterion = build_criterion(NUM_CLASSES, num_aux_layers=num_layers - 1, class_loss=class_loss).to(device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
+
+        def step(_):
+            with _autocast(dtype, device):
+                outputs = runner(images, mask)
+            loss = criterion.total(criterion(outputs, targets))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 0.1)
+            optimizer.step()
+
+    else:
+        model.eval()
+
+        def step(_):
+            with torch.no_grad(), _autocast(dtype, device):
+                runner(images, mask)
+
+    started = time.perf_counter()
+    step(None)  # first call: compilation, cuDNN/Triton autotuning, allocator growth
+    first_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = measure(
+        step, device=device, rep_ms=args.rep_ms, warmup_runs=args.warmup, min_runs=args.runs, max_runs=max(args.runs, 200),
+        flush_l2=False,
+    )
+    record = {
+        "model": MODEL_NAMES[model_key],
+        "provider": provider,
+        "batch": batch,
+        "image_size": list(args.image_size),
+        "dtype": dtype,
+        "pass": pass_,
+        "median_ms": stats.median_ms,
+        "p20_ms": stats.p20_ms,
+        "p80_ms": stats.p80_ms,
+        "runs": stats.runs,
+        "images_per_s": batch * 1e3 / stats.median_ms,
+        "peak_mem_gb": _peak_memory_gb(device),
+        "first_call_s": first_s,
+    }
+    del runner, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return record
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="results JSON to write (rewritten after every record)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
+    parser.add_argument(
+        "--providers",
+        default=",".join(DECO_PROVIDERS + DETR_PROVIDERS[:1]),
+        help=f"comma list from {DECO_PROVIDERS} (DECO) and {DETR_PROVIDERS} (DETR); each applies where it fits",
+    )
+    parser.add_argument("--passes", default="train_step,infer", help="comma list from train_step, infer")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16 (autocast)")
+    parser.add_argument("--batch", type=int, default=2, help="training batch (inference always uses 1)")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
+    parser.add_argument("--runs", type=int, default=10, help="timed steps at least")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
+    parser.add_argument("--rep-ms", type=float, default=1000.0, help="keep timing until this much step time")
+    parser.add_argument(
+        "--skip-compile-for", default="deco-r50",
+        help="models whose compile providers are skipped (compilation of the big models costs minutes); '' for none",
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny DECO variants for a CPU check of the code path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models, providers, passes, dtypes = (_csv(args.models), _csv(args.providers), _csv(args.passes), _csv(args.dtypes))
+    for name, values, allowed in (
+        ("--models", models, MODELS),
+        ("--providers", providers, DECO_PROVIDERS + DETR_PROVIDERS),
+        ("--passes", passes, ("train_step", "infer")),
+        ("--dtypes", dtypes, ("float32", "bfloat16")),
+    ):
+        bad = sorted(set(values) - set(allowed))
+        if bad:
+            raise SystemExit(f"{name}: unknown {bad}; expected among {allowed}")
+    skip_compile = set(_csv(args.skip_compile_for))
+    results = ResultsFile(args.out, environment(device), STOCK_PROVIDERS)
+    failures = 0
+    for model_key in models:
+        fitting = DETR_PROVIDERS if model_key == "detr-r50" else DECO_PROVIDERS
+        for provider in (p for p in providers if p in fitting):
+            if provider.endswith("compile") and model_key in skip_compile:
+                log.info("skipping %s %s (--skip-compile-for)", model_key, provider)
+                continue
+            for pass_ in passes:
+                for dtype in dtypes:
+                    try:
+                        record = run_one(model_key, provider, dtype, pass_, args, device)
+                    except Exception:  # one failing combination must not lose the others' numbers
+                        failures += 1
+                        log.exception("%s %s %s %s failed", model_key, provider, dtype, pass_)
+                        continue
+                    results.add(record)
+                    log.info(
+                        "%s %-14s %-9s %-10s %8.2f ms  %7.1f img/s  peak %s GB",
+                        record["model"], provider, dtype, pass_, record["median_ms"], record["images_per_s"],
+                        "-" if record["peak_mem_gb"] is None else f"{record['peak_mem_gb']:.2f}",
+                    )
+    results.write()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
