@@ -1,8 +1,10 @@
 """Released-checkpoint conversion: key layout, strict loading, and outputs equal to an independent
 re-statement of the released forward pass written here with plain functional calls on the released tensors."""
 
+import argparse
 import math
 import os
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -323,6 +325,10 @@ def test_conversion_errors_name_the_key():
         infer_official_config({**released, "query_embed.weight": torch.zeros(125, 32)})
 
 
+class _Opaque:
+    """A Python object that weights-only loading refuses."""
+
+
 def test_coco_categories_of_a_released_model():
     categories = released_categories(91)
     assert [c["id"] for c in categories] == list(range(91))
@@ -335,7 +341,8 @@ def test_coco_categories_of_a_released_model():
 def test_checkpoint_file_and_cli(tmp_path):
     released = _small_released()
     src = tmp_path / "released.pth"
-    torch.save({"model": released, "epoch": 149}, src)
+    # As in DETR-style releases: training arguments and other state next to the model.
+    torch.save({"model": released, "epoch": 149, "args": argparse.Namespace(lr=1e-4, backbone="resnet18")}, src)
     dst = tmp_path / "converted.pth"
     assert cli_main(["convert", str(src), str(dst)]) == 0
     converted = torch.load(dst, weights_only=True)
@@ -356,6 +363,12 @@ def test_checkpoint_file_and_cli(tmp_path):
     assert cli_main(["convert", str(bad), str(tmp_path / "out.pth")]) == 1
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         convert_official_checkpoint(tmp_path / "absent.pth", tmp_path / "out.pth")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": released, "extra": OrderedDict(note=_Opaque())}, pickled)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        convert_official_checkpoint(pickled, tmp_path / "out.pth")
+    assert convert_official_checkpoint(pickled, tmp_path / "trusted.pth", trust_pickle=True)["backbone"] == "resnet18"
+    os.unlink(tmp_path / "trusted.pth")
     unknown = tmp_path / "unknown.pth"
     torch.save({"model": {**released, "mystery": torch.zeros(1)}}, unknown)
     with pytest.raises(ValueError, match="unknown keys"):

@@ -203,8 +203,14 @@ def test_backbone_weights_load_from_a_local_torchvision_file(tmp_path):
         _small(backbone_weights=str(tmp_path / "extra.pth"))
 
 
-def test_convnext_tiny_backbone():
-    model = build_deco("convnext_tiny", **SMALL)
+def test_convnext_tiny_backbone(tmp_path):
+    import timm
+
+    reference = timm.create_model("convnext_tiny", pretrained=False)
+    torch.save(reference.state_dict(), tmp_path / "convnext_tiny.pth")  # includes the classifier head
+    model = build_deco("convnext_tiny", backbone_weights=str(tmp_path / "convnext_tiny.pth"), **SMALL)
+    assert torch.equal(model.backbone.body.stem[0].weight, reference.stem[0].weight)
+    assert torch.equal(model.backbone.body.stages[3].blocks[2].mlp.fc2.weight, reference.stages[3].blocks[2].mlp.fc2.weight)
     assert model.backbone.num_channels == 768
     assert model.input_proj.in_channels == 768
     assert all(p.requires_grad for p in model.backbone.parameters())

@@ -19,7 +19,7 @@ BACKBONES = ("resnet18", "resnet50", "convnext_tiny")
 BACKBONE_NORMS = ("frozen", "batch")
 
 # Keys of the classification head in a torchvision / timm state dict: present in their files, not used here.
-_HEAD_PREFIXES = {"resnet18": ("fc.",), "resnet50": ("fc.",), "convnext_tiny": ("head.", "norm_pre.")}
+_HEAD_PREFIXES = {"resnet18": ("fc.",), "resnet50": ("fc.",), "convnext_tiny": ("head.",)}
 
 
 class FrozenBatchNorm2d(nn.Module):
