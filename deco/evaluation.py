@@ -191,13 +191,15 @@ def evaluate(
     device: torch.device | str,
     *,
     progress: bool = True,
+    log_table: bool = True,
 ) -> dict[str, float]:
     """Run ``model`` over ``data_loader`` (batches from :func:`deco.data.collate_fn`) and score it.
 
     Each batch is ``model(images, mask)``, then :func:`deco.models.postprocess` (the top 100 detections per
     image, COCO's limit, or queries x classes when fewer) into detections for ``evaluator``. Under torch.distributed
-    every rank evaluates its shard, detections are merged, rank 0 scores them (logging the table) and the
-    metrics are broadcast, so every rank returns the same dict. The model's train/eval mode is restored.
+    every rank evaluates its shard, detections are merged, rank 0 scores them (logging the table when
+    ``log_table``) and the metrics are broadcast, so every rank returns the same dict. ``progress``: a tqdm
+    bar on rank 0. The model's train/eval mode is restored.
     """
     device = torch.device(device)
     was_training = model.training
@@ -214,7 +216,7 @@ def evaluate(
     finally:
         model.train(was_training)
     evaluator.synchronize()
-    metrics = evaluator.summarize(log_table=True) if is_main_process() else None
+    metrics = evaluator.summarize(log_table=log_table) if is_main_process() else None
     if is_distributed():
         box = [metrics]
         dist.broadcast_object_list(box, src=0)

@@ -140,40 +140,6 @@ def test_bad_input_is_rejected():
         CocoEvaluator(_coco_gt(), [{"id": 1, "name": "x"}])
 
 
-def _distributed_worker(rank, world_size, init_file, image_ids, shifted_image_ids, out_file):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        evaluator = CocoEvaluator(_coco_gt(), CATEGORIES)
-        evaluator.update(_predictions(image_ids=image_ids))
-        evaluator.update(_predictions(image_ids=shifted_image_ids, shift=0.4))
-        evaluator.synchronize()
-        result = {"image_ids": evaluator.image_ids, "metrics": evaluator.summarize()}
-        with open(out_file, "w") as f:
-            json.dump(result, f)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_synchronize_merges_ranks_without_duplicates(tmp_path):
-    # Rank 1 repeats image 1, as a DistributedSampler pads; its copy has wrong boxes and must be dropped
-    # (the lowest rank's copy is kept).
-    context = multiprocessing.get_context("fork")
-    shards = (([1, 2], []), ([3], [1]))
-    processes = []
-    for rank, (image_ids, shifted_image_ids) in enumerate(shards):
-        args = (rank, 2, tmp_path / "init", image_ids, shifted_image_ids, tmp_path / f"rank{rank}.json")
-        processes.append(context.Process(target=_distributed_worker, args=args))
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-        assert process.exitcode == 0
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert result["image_ids"] == [1, 2, 3]
-        assert result["metrics"]["AP"] == pytest.approx(1.0)
-
-
 class _ConstantDetector(nn.Module):
     """Predicts the same normalised box (query 0, label 0) for every image, whatever its size."""
 
@@ -192,10 +158,11 @@ class _ConstantDetector(nn.Module):
         return {"pred_logits": logits, "pred_boxes": boxes}
 
 
-def test_evaluate_loop_scales_to_original_sizes(tmp_path):
-    """Images of different sizes with one box at the same relative place: a constant detector is perfect
-    only if detections are scaled to each original image size (the model sees them resized)."""
+def _write_constant_box_dataset(root):
+    """Three images of different sizes, each with one box of label 0 at the same relative place (centre
+    (0.5, 0.625), size 0.5 x 0.25)."""
     document = {"images": [], "annotations": [], "categories": CATEGORIES}
+    (root / "images").mkdir(parents=True, exist_ok=True)
     for image_id, (height, width) in enumerate([(40, 60), (90, 50), (64, 64)], start=1):
         document["images"].append({"id": image_id, "file_name": f"{image_id}.png", "height": height, "width": width})
         document["annotations"].append(
@@ -208,10 +175,70 @@ def test_evaluate_loop_scales_to_original_sizes(tmp_path):
                 "iscrowd": 0,
             }
         )
-        (tmp_path / "images").mkdir(exist_ok=True)
-        Image.new("RGB", (width, height)).save(tmp_path / "images" / f"{image_id}.png")
-    (tmp_path / "instances_val.json").write_text(json.dumps(document))
-    dataset = build_dataset(tmp_path, "val", train=False, transforms=make_transforms(False, eval_size=32))
+        Image.new("RGB", (width, height)).save(root / "images" / f"{image_id}.png")
+    (root / "instances_val.json").write_text(json.dumps(document))
+
+
+def _load_constant_box_dataset(root):
+    """The dataset of :func:`_write_constant_box_dataset`, resized to a shorter side of 32 for the model."""
+    return build_dataset(root, "val", train=False, transforms=make_transforms(False, eval_size=32))
+
+
+def _distributed_worker(rank, world_size, init_file, image_ids, shifted_image_ids, dataset_root, out_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        evaluator = CocoEvaluator(_coco_gt(), CATEGORIES)
+        evaluator.update(_predictions(image_ids=image_ids))
+        evaluator.update(_predictions(image_ids=shifted_image_ids, shift=0.4))
+        evaluator.synchronize()
+        result = {"image_ids": evaluator.image_ids, "metrics": evaluator.summarize()}
+
+        # The evaluation loop over a sharded loader (3 images on 2 ranks: the sampler pads with a repeat).
+        dataset = _load_constant_box_dataset(dataset_root)
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=collate_fn)
+        loop_evaluator = CocoEvaluator(dataset.coco, dataset.categories)
+        model = _ConstantDetector([0.5, 0.625, 0.5, 0.25])
+        result["loop_metrics"] = evaluate(model, loader, loop_evaluator, "cpu", progress=False)
+        result["loop_batches"] = len(model.seen_training)
+        with open(out_file, "w") as f:
+            json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_evaluation_merges_ranks_without_duplicates(tmp_path):
+    # Rank 1 repeats image 1, as a DistributedSampler pads; its copy has wrong boxes and must be dropped
+    # (the lowest rank's copy is kept).
+    context = multiprocessing.get_context("fork")
+    shards = (([1, 2], []), ([3], [1]))
+    _write_constant_box_dataset(tmp_path / "data")
+    processes = []
+    for rank, (image_ids, shifted_image_ids) in enumerate(shards):
+        out_file = tmp_path / f"rank{rank}.json"
+        args = (rank, 2, tmp_path / "init", image_ids, shifted_image_ids, tmp_path / "data", out_file)
+        processes.append(context.Process(target=_distributed_worker, args=args))
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        if process.is_alive():  # a hung collective: do not leave the worker behind
+            process.kill()
+            process.join()
+        assert process.exitcode == 0
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["image_ids"] == [1, 2, 3]
+        assert result["metrics"]["AP"] == pytest.approx(1.0)
+        assert result["loop_batches"] == 2  # each rank saw its own half of the (padded) data
+        assert result["loop_metrics"]["AP"] == pytest.approx(1.0)
+
+
+def test_evaluate_loop_scales_to_original_sizes(tmp_path):
+    """Images of different sizes with one box at the same relative place: a constant detector is perfect
+    only if detections are scaled to each original image size (the model sees them resized)."""
+    _write_constant_box_dataset(tmp_path)
+    dataset = _load_constant_box_dataset(tmp_path)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_fn)
     model = _ConstantDetector([0.5, 0.625, 0.5, 0.25]).train()
 

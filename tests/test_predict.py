@@ -2,6 +2,7 @@
 checkpoint loading errors. The checkpoint is a tiny ``build_deco`` model with random weights."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,8 +67,6 @@ def test_caption_moves_inside_when_the_box_touches_the_top():
 
 
 def test_output_names_are_unique():
-    from pathlib import Path
-
     paths = [Path("a/x.jpg"), Path("b/x.png"), Path("c/y.jpg"), Path("x.bmp")]
     assert _output_names(paths) == ["x.png", "x_1.png", "y.png", "x_2.png"]
 

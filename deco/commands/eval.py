@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             pin_memory=device.type == "cuda",
         )
         evaluator = CocoEvaluator(dataset.coco, checkpoint["categories"])
-        metrics = evaluate(model, loader, evaluator, device)
+        metrics = evaluate(model, loader, evaluator, device, log_table=False)  # printed below instead
         if is_main_process():
             print(format_metrics(metrics))
             if args.out:

@@ -74,7 +74,9 @@ def _check_coco_dict(data: object, path: Path) -> None:
                 f"among the file's categories {sorted(category_ids)}"
             )
         if annotation.get("image_id") not in image_ids:
-            raise ValueError(f"annotation file {path}: {name} refers to unknown image_id {annotation.get('image_id')!r}")
+            raise ValueError(
+                f"annotation file {path}: {name} refers to unknown image_id {annotation.get('image_id')!r}"
+            )
         bbox = annotation.get("bbox")
         if not (
             isinstance(bbox, list)

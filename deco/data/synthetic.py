@@ -2,9 +2,9 @@
 
 Three classes told apart by shape (rectangle, ellipse, triangle), each with a colour tendency (reddish,
 greenish, bluish hues, but a quarter of the objects take any hue so that shape has to be learned), at varied
-sizes (a quarter to three fifths of the shorter image side, so a stride-32 model on 128-160 px images sees them)
-and aspect ratios, overlapping (at most 40 % of the smaller box) but never hidden by more than 30 %, on noisy backgrounds with a colour
-gradient and a low-frequency texture. About one image in ten has no object.
+sizes (a quarter to three fifths of the shorter image side, so a stride-32 model on 128-160 px images sees
+them) and aspect ratios, overlapping (at most 40 % of the smaller box) but never hidden by more than 30 %, on
+noisy backgrounds with a colour gradient and a low-frequency texture. About one image in ten has no object.
 
 Output (loaded by :func:`deco.data.build_dataset` like any COCO-format folder)::
 
@@ -134,8 +134,9 @@ def _visible_masks(objects: list[_Object]) -> list[np.ndarray]:
 
 def _draw_objects(rng: np.random.Generator, pixels: np.ndarray, count: int) -> list[_Object]:
     """Draw up to ``count`` objects into ``pixels`` (H x W x 3 float, in place), each left at least
-    :data:`_MIN_VISIBLE_FRACTION` visible, contrasting with what it covers and overlapping no other box by more
-    than :data:`_MAX_BOX_OVERLAP`; a placement that breaks a rule is redrawn (a few times, then that object is dropped)."""
+    :data:`_MIN_VISIBLE_FRACTION` visible, contrasting with what it covers and overlapping no other box by
+    more than :data:`_MAX_BOX_OVERLAP`; a placement that breaks a rule is redrawn (a few times, then that
+    object is dropped)."""
     height, width = pixels.shape[:2]
     objects: list[_Object] = []
     for _ in range(count):
