@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -118,3 +120,12 @@ def test_synth_command(tmp_path):
     assert len(train["images"]) == 2 and len(val["images"]) == 1
     assert train["images"][0]["height"] == 48 and train["images"][0]["width"] == 64
     assert len(list((tmp_path / "images").glob("*.png"))) == 3
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result must still be readable by others."""
+    write_synthetic_dataset(tmp_path, 2, 0, (32, 32), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "instances_train.json", tmp_path / "images" / "000001.png"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

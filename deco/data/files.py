@@ -10,6 +10,12 @@ from pathlib import Path
 __all__ = ["write_bytes_atomically", "write_json_atomically"]
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file in ``path``'s folder (created if missing), then rename it."""
     path = Path(path)
@@ -18,6 +24,8 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
