@@ -1,8 +1,31 @@
-"""Loads the compiled extension ``deco_kernels._C`` (csrc/) when it was built."""
+"""The compiled extension ``deco_kernels._C`` (csrc/): its loader and the eight primitives of the "cuda" backend.
+
+Importing ``deco_kernels._C`` registers ``torch.ops.deco_kernels_C.*`` for CUDA tensors (the CUDA kernels) and
+for CPU tensors (CPU builds of the same kernel bodies, used to test them without a GPU). The functions below
+are the primitive contract of ``deco_kernels`` (no autograd here; the custom ops in ``deco_kernels.ops`` call
+them for backend "cuda"). Activations: B x C x H x W, float32/float16/bfloat16, NCHW or channels-last; weights
+and biases float32. Outputs keep the activation's dtype and memory format; weight and bias grads are float32.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "adaptive_avg_pool2d_backward",
+    "adaptive_avg_pool2d_forward",
+    "adaptive_max_pool2d_backward",
+    "adaptive_max_pool2d_forward",
+    "depthwise_conv2d_backward",
+    "depthwise_conv2d_forward",
+    "is_available",
+    "load_error",
+    "upsample_add_conv_backward",
+    "upsample_add_conv_forward",
+]
 
 
 @functools.cache
@@ -23,3 +46,79 @@ def load_error() -> str | None:
     """Why the extension is not available, or None."""
     error = _load()
     return None if error is None else str(error)
+
+
+def _ops():
+    error = _load()
+    if error is not None:
+        raise RuntimeError(
+            "deco_kernels: the CUDA extension deco_kernels._C is not available "
+            f"({error}); rebuild with `pip install --no-build-isolation -e .` where nvcc is found"
+        )
+    return torch.ops.deco_kernels_C
+
+
+def _pair(size: Sequence[int] | int, name: str) -> list[int]:
+    if isinstance(size, int):
+        return [size, size]
+    size = list(size)
+    if len(size) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {size!r}")
+    return [int(s) for s in size]
+
+
+def depthwise_conv2d_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x: B x C x H x W; weight: C x 1 x kh x kw (odd, <= 31); bias: C or None. Returns y: B x C x H x W."""
+    return _ops().depthwise_conv2d_forward(x, weight, bias)
+
+
+def depthwise_conv2d_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: Sequence[bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x B x C x H x W, grad_weight C x 1 x kh x kw, grad_bias C), None where output_mask is False."""
+    return tuple(_ops().depthwise_conv2d_backward(grad_y, x, weight, [bool(m) for m in output_mask]))
+
+
+def upsample_add_conv_forward(
+    query: torch.Tensor, memory: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``dwconv(u + memory) + u``, ``u`` = nearest upsampling of query (B x C x Hq x Wq) to memory's
+    B x C x H x W. Returns B x C x H x W."""
+    return _ops().upsample_add_conv_forward(query, memory, weight, bias)
+
+
+def upsample_add_conv_backward(
+    grad_y: torch.Tensor,
+    query: torch.Tensor,
+    memory: torch.Tensor,
+    weight: torch.Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad_query, grad_memory, grad_weight, grad_bias), None where output_mask is False."""
+    return tuple(_ops().upsample_add_conv_backward(grad_y, query, memory, weight, [bool(m) for m in output_mask]))
+
+
+def adaptive_max_pool2d_forward(
+    x: torch.Tensor, output_size: Sequence[int] | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y B x C x oh x ow, int64 indices h * W + w into each input plane), like ``F.adaptive_max_pool2d``."""
+    return tuple(_ops().adaptive_max_pool2d_forward(x, _pair(output_size, "output_size")))
+
+
+def adaptive_max_pool2d_backward(
+    grad_y: torch.Tensor, indices: torch.Tensor, input_size: Sequence[int]
+) -> torch.Tensor:
+    """grad_x: B x C x H x W for input_size (H, W), gathered (deterministic, no atomics)."""
+    return _ops().adaptive_max_pool2d_backward(grad_y, indices, _pair(input_size, "input_size"))
+
+
+def adaptive_avg_pool2d_forward(x: torch.Tensor, output_size: Sequence[int] | int) -> torch.Tensor:
+    """y: B x C x oh x ow, like ``F.adaptive_avg_pool2d``."""
+    return _ops().adaptive_avg_pool2d_forward(x, _pair(output_size, "output_size"))
+
+
+def adaptive_avg_pool2d_backward(grad_y: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+    """grad_x: B x C x H x W for input_size (H, W), gathered."""
+    return _ops().adaptive_avg_pool2d_backward(grad_y, _pair(input_size, "input_size"))

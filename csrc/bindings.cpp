@@ -1,0 +1,38 @@
+// Registers the eight primitives as torch.ops.deco_kernels_C.* for the CUDA and CPU dispatch keys. Backward
+// primitives return undefined tensors (None in Python) for outputs whose output_mask entry is false.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(deco_kernels_C, m) {
+  m.def("depthwise_conv2d_forward(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "depthwise_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, bool[3] output_mask)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("upsample_add_conv_forward(Tensor query, Tensor memory, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "upsample_add_conv_backward(Tensor grad_y, Tensor query, Tensor memory, Tensor weight, bool[4] output_mask)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("adaptive_max_pool2d_forward(Tensor x, int[2] output_size) -> (Tensor, Tensor)");
+  m.def("adaptive_max_pool2d_backward(Tensor grad_y, Tensor indices, int[2] input_size) -> Tensor");
+  m.def("adaptive_avg_pool2d_forward(Tensor x, int[2] output_size) -> Tensor");
+  m.def("adaptive_avg_pool2d_backward(Tensor grad_y, int[2] input_size) -> Tensor");
+}
+
+#define DECO_REGISTER_PRIMITIVES(NAMESPACE)                                               \
+  m.impl("depthwise_conv2d_forward", &NAMESPACE::depthwise_conv2d_forward);               \
+  m.impl("depthwise_conv2d_backward", &NAMESPACE::depthwise_conv2d_backward);             \
+  m.impl("upsample_add_conv_forward", &NAMESPACE::upsample_add_conv_forward);             \
+  m.impl("upsample_add_conv_backward", &NAMESPACE::upsample_add_conv_backward);           \
+  m.impl("adaptive_max_pool2d_forward", &NAMESPACE::adaptive_max_pool2d_forward);         \
+  m.impl("adaptive_max_pool2d_backward", &NAMESPACE::adaptive_max_pool2d_backward);       \
+  m.impl("adaptive_avg_pool2d_forward", &NAMESPACE::adaptive_avg_pool2d_forward);         \
+  m.impl("adaptive_avg_pool2d_backward", &NAMESPACE::adaptive_avg_pool2d_backward);
+
+TORCH_LIBRARY_IMPL(deco_kernels_C, CUDA, m) { DECO_REGISTER_PRIMITIVES(deco::cuda) }
+
+TORCH_LIBRARY_IMPL(deco_kernels_C, CPU, m) { DECO_REGISTER_PRIMITIVES(deco::cpu) }
+
+// Importing deco_kernels._C runs the registrations above; the module itself has no attributes.
+PYBIND11_MODULE(_C, module) { module.doc() = "deco_kernels CUDA/CPU primitives: see torch.ops.deco_kernels_C"; }

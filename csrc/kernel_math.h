@@ -1,0 +1,569 @@
+// Index math and arithmetic of every deco_kernels kernel, shared by the CUDA kernels (kernels.cu) and their
+// CPU builds (cpu_kernels.cpp).
+//
+// Why the CPU build tests the GPU kernels' math: everything a CUDA thread computes lives in these
+// DECO_HD functions -- which input element a tile slot holds and its zero padding (conv_tile_element), the
+// register-window tap loop of a conv strip (conv_strip), epilogues (bias, upsampled residual), nearest-
+// upsampling source indices and their inverse footprints, the per-lane partial sums of the weight gradient
+// and the order of their butterfly reduction, adaptive-pool windows, the first-maximum/NaN rule and the
+// gather ranges of the pool backward passes. The CPU build walks the same grid as the GPU (tiles, threads,
+// lanes; serially) and calls the same functions on the same fp32 values, in the same order, with fmaf
+// where the GPU uses an FMA, so a wrong index, halo, flip, footprint or reduction order fails on the CPU.
+// What the CPU cannot check is the CUDA-only plumbing around them: shared-memory sizes, __syncthreads
+// placement, launch bounds and the warp shuffles themselves (tests/test_cuda_kernels.py runs those on a GPU).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DECO_HD __host__ __device__ __forceinline__
+#define DECO_UNROLL _Pragma("unroll")
+#else
+#define DECO_HD inline
+#define DECO_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace deco {
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensors. Activations are B x C x H x W, contiguous either as NCHW or as channels-last (NHWC); one image
+// (C*H*W elements) is checked to fit 32-bit indexing by the host, so only the batch offset is 64-bit.
+
+struct Layout {
+  int64_t batch;  // elements per image
+  int channel, row, col;
+  DECO_HD int64_t at(int b, int c, int h, int w) const {
+    return b * batch + static_cast<int64_t>(c * channel + h * row + w * col);
+  }
+};
+
+DECO_HD Layout make_layout(int C, int H, int W, bool channels_last) {
+  Layout l;
+  l.batch = static_cast<int64_t>(C) * H * W;
+  l.channel = channels_last ? 1 : H * W;
+  l.row = channels_last ? W * C : W;
+  l.col = channels_last ? C : 1;
+  return l;
+}
+
+// A stored activation read as fp32.
+template <typename T>
+struct TensorSource {
+  const T* data;
+  Layout layout;
+  DECO_HD float operator()(int b, int c, int h, int w) const {
+    return static_cast<float>(data[layout.at(b, c, h, w)]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Nearest upsampling, exactly ATen's nearest_idx (legacy rule, no scale factor given): identity and exact 2x
+// are special-cased, otherwise src = min(floor(dst * (float)in / out), in - 1) in float arithmetic.
+
+DECO_HD int nearest_source_index(int dst, int in, int out) {
+  if (out == in) return dst;
+  if (out == 2 * in) return dst >> 1;
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  const int src = static_cast<int>(floorf(static_cast<float>(dst) * scale));
+  return src < in - 1 ? src : in - 1;
+}
+
+// [first, last) of the output positions whose source is `src` (empty when downsampling skips it). The source
+// index is non-decreasing in dst, so the footprint is a run; the guess is corrected with the exact rule.
+DECO_HD void nearest_footprint(int src, int in, int out, int& first, int& last) {
+  int lo = static_cast<int>((static_cast<int64_t>(src) * out) / in);
+  while (lo > 0 && nearest_source_index(lo - 1, in, out) >= src) --lo;
+  while (lo < out && nearest_source_index(lo, in, out) < src) ++lo;
+  int hi = lo;
+  while (hi < out && nearest_source_index(hi, in, out) == src) ++hi;
+  first = lo;
+  last = hi;
+}
+
+// upsample_nearest(query) + memory, never materialised: each read recomputes the query's source cell.
+template <typename T>
+struct UpsampleSumSource {
+  const T* query;
+  Layout query_layout;
+  int query_h, query_w;
+  const T* memory;
+  Layout memory_layout;
+  int h, w;  // memory's (and the output's) spatial size
+  DECO_HD float upsampled(int b, int c, int y, int x) const {
+    const int qy = nearest_source_index(y, query_h, h);
+    const int qx = nearest_source_index(x, query_w, w);
+    return static_cast<float>(query[query_layout.at(b, c, qy, qx)]);
+  }
+  DECO_HD float operator()(int b, int c, int y, int x) const {
+    return upsampled(b, c, y, x) + static_cast<float>(memory[memory_layout.at(b, c, y, x)]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Depthwise 'same' convolution, stride 1. A pass computes out = epilogue(sum_taps w * in); the weight is per
+// channel, row-major kh x kw, fp32. Grad input is the same-padded conv of grad y with the kernel flipped in
+// both dimensions (kh - 1 = 2 * (kh / 2) for odd kh), so the host passes a flipped copy for it.
+
+struct ConvShape {
+  int batch, channels, height, width, kh, kw;
+};
+
+// NCHW: one block computes a kConvTileH x kConvTileW output tile of one plane from a shared-memory tile of
+// the input with its halo; each thread computes kConvStrip consecutive outputs of one row in registers.
+constexpr int kConvTileH = 16;
+constexpr int kConvTileW = 64;
+constexpr int kConvStrip = 8;
+constexpr int kConvThreads = kConvTileH * (kConvTileW / kConvStrip);  // 128
+// Channels-last: threads run along C (coalesced), each computing kConvStripCL outputs of one row, reading
+// the input through the cache instead of a shared tile.
+constexpr int kConvStripCL = 4;
+constexpr int kConvThreadsCL = 128;
+
+DECO_HD int conv_tile_rows(int kh) { return kConvTileH + kh - 1; }
+// Row pitch of the tile: odd, so that the 16 rows a warp's threads start on fall in distinct banks.
+DECO_HD int conv_tile_cols(int kw) { return (kConvTileW + kw - 1) | 1; }
+DECO_HD int conv_tile_size(const ConvShape& s) { return conv_tile_rows(s.kh) * conv_tile_cols(s.kw); }
+
+// Slot `e` of the input tile (with halo) whose output tile starts at (h0, w0); zero outside the image.
+template <class Source>
+DECO_HD float conv_tile_element(const Source& in, const ConvShape& s, int b, int c, int h0, int w0, int e) {
+  const int cols = conv_tile_cols(s.kw);
+  const int y = h0 - s.kh / 2 + e / cols;
+  const int x = w0 - s.kw / 2 + e % cols;
+  return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
+}
+
+// acc[k] += sum_{i < kh, j < kw} weight[i * kw + j] * in(i, k + j) for k < N. `in(i, col)` reads the zero-
+// padded input at tap row i and column col relative to the strip's first window. Each tap row keeps a
+// sliding window of N inputs in registers, so a row costs N + kw - 1 reads instead of N * kw.
+template <int N, class Reader>
+DECO_HD void conv_strip(const Reader& in, const float* weight, int kh, int kw, float (&acc)[N]) {
+  for (int i = 0; i < kh; ++i) {
+    float window[N];
+    DECO_UNROLL
+    for (int k = 0; k < N; ++k) window[k] = in(i, k);
+    for (int j = 0; j < kw; ++j) {
+      if (j > 0) {
+        DECO_UNROLL
+        for (int k = 0; k + 1 < N; ++k) window[k] = window[k + 1];
+        window[N - 1] = in(i, N - 1 + j);
+      }
+      const float tap = weight[i * kw + j];
+      DECO_UNROLL
+      for (int k = 0; k < N; ++k) acc[k] = fmaf(tap, window[k], acc[k]);
+    }
+  }
+}
+
+// Reads a strip's inputs from the shared (on the CPU: local) tile for thread `thread` of the NCHW block;
+// consecutive threads take consecutive rows.
+struct TileReader {
+  const float* tile;
+  int cols, row, col0;
+  DECO_HD float operator()(int i, int col) const { return tile[(row + i) * cols + col0 + col]; }
+};
+
+DECO_HD TileReader tile_reader(const float* tile, const ConvShape& s, int thread) {
+  TileReader r;
+  r.tile = tile;
+  r.cols = conv_tile_cols(s.kw);
+  r.row = thread % kConvTileH;
+  r.col0 = (thread / kConvTileH) * kConvStrip;
+  return r;
+}
+
+// Reads a strip's inputs straight from the source (channels-last path), zero outside the image.
+template <class Source>
+struct DirectReader {
+  Source in;
+  ConvShape s;
+  int b, c, y0, x0;  // input position of tap (0, 0) for the strip's first output
+  DECO_HD float operator()(int i, int col) const {
+    const int y = y0 + i, x = x0 + col;
+    return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
+  }
+};
+
+struct ConvTiling {
+  int tiles_h, tiles_w;
+  int64_t blocks;  // B * C * tiles_h * tiles_w
+};
+
+DECO_HD ConvTiling make_conv_tiling(const ConvShape& s) {
+  ConvTiling t;
+  t.tiles_h = (s.height + kConvTileH - 1) / kConvTileH;
+  t.tiles_w = (s.width + kConvTileW - 1) / kConvTileW;
+  t.blocks = static_cast<int64_t>(s.batch) * s.channels * t.tiles_h * t.tiles_w;
+  return t;
+}
+
+// Block `block` of the NCHW pass: plane (b, c) and the output tile's top-left corner (h0, w0).
+DECO_HD void conv_tile_origin(const ConvShape& s, const ConvTiling& t, int64_t block, int& b, int& c, int& h0,
+                              int& w0) {
+  w0 = static_cast<int>(block % t.tiles_w) * kConvTileW;
+  block /= t.tiles_w;
+  h0 = static_cast<int>(block % t.tiles_h) * kConvTileH;
+  block /= t.tiles_h;
+  c = static_cast<int>(block % s.channels);
+  b = static_cast<int>(block / s.channels);
+}
+
+// Epilogues: what is stored for an accumulated conv value at (b, c, y, x).
+struct BiasEpilogue {
+  const float* bias;  // C fp32 values or nullptr
+  DECO_HD float operator()(int, int c, int, int, float acc) const { return bias ? acc + bias[c] : acc; }
+};
+
+template <typename T>
+struct UpsampleResidualEpilogue {  // dwconv(u + m) + bias + u
+  const float* bias;
+  UpsampleSumSource<T> sum;
+  DECO_HD float operator()(int b, int c, int y, int x, float acc) const {
+    return (bias ? acc + bias[c] : acc) + sum.upsampled(b, c, y, x);
+  }
+};
+
+// Writes a strip of N outputs starting at (y, x0), dropping those beyond the image.
+template <int N, typename T, class Epilogue>
+DECO_HD void conv_store_strip(const Epilogue& epilogue, const ConvShape& s, const Layout& out_layout, T* out,
+                              int b, int c, int y, int x0, const float (&acc)[N]) {
+  if (y >= s.height) return;
+  DECO_UNROLL
+  for (int k = 0; k < N; ++k) {
+    const int x = x0 + k;
+    if (x < s.width) out[out_layout.at(b, c, y, x)] = static_cast<T>(epilogue(b, c, y, x, acc[k]));
+  }
+}
+
+// Thread `thread` of an NCHW block, once the block's input tile and channel weights are loaded.
+template <typename T, class Epilogue>
+DECO_HD void conv_tile_thread(const float* tile, const float* weight, const ConvShape& s, const Epilogue& epilogue,
+                              T* out, const Layout& out_layout, int b, int c, int h0, int w0, int thread) {
+  const TileReader reader = tile_reader(tile, s, thread);
+  float acc[kConvStrip] = {};
+  conv_strip(reader, weight, s.kh, s.kw, acc);
+  conv_store_strip(epilogue, s, out_layout, out, b, c, h0 + reader.row, w0 + reader.col0, acc);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Weight and bias gradients: grad_w[c, t] = sum_{b, y, x} gy[b, c, y, x] * in[b, c, y + i - kh/2, x + j - kw/2]
+// and grad_b[c] = sum gy. One block per (tile of one image, channel) holds a kGradTileH x kGradTileW tile of
+// grad y and the matching input tile with halo; each warp owns whole taps (tap index `taps` is the bias), its
+// lanes sum over the tile's pixels and a butterfly of xor shuffles adds the 32 lane sums. The per-tile sums
+// go to a buffer and a second pass adds them over tiles in a fixed order: deterministic, no float atomics.
+
+constexpr int kGradTileH = 16;
+constexpr int kGradTileW = 32;
+constexpr int kGradThreads = 256;
+constexpr int kWarp = 32;
+
+struct GradTiling {
+  int tiles_h, tiles_w, tiles;  // per-channel tile count over batch x rows x columns
+};
+
+DECO_HD GradTiling make_grad_tiling(const ConvShape& s) {
+  GradTiling g;
+  g.tiles_h = (s.height + kGradTileH - 1) / kGradTileH;
+  g.tiles_w = (s.width + kGradTileW - 1) / kGradTileW;
+  g.tiles = s.batch * g.tiles_h * g.tiles_w;
+  return g;
+}
+
+DECO_HD void grad_tile_origin(const GradTiling& g, int tile, int& b, int& h0, int& w0) {
+  b = tile / (g.tiles_h * g.tiles_w);
+  const int rest = tile % (g.tiles_h * g.tiles_w);
+  h0 = (rest / g.tiles_w) * kGradTileH;
+  w0 = (rest % g.tiles_w) * kGradTileW;
+}
+
+DECO_HD int grad_input_tile_cols(int kw) { return kGradTileW + kw - 1; }
+DECO_HD int grad_input_tile_size(const ConvShape& s) { return (kGradTileH + s.kh - 1) * grad_input_tile_cols(s.kw); }
+
+// Slot e of the grad-y tile (zero beyond the image, so those pixels add nothing).
+template <class Source>
+DECO_HD float grad_out_tile_element(const Source& gy, const ConvShape& s, int b, int c, int h0, int w0, int e) {
+  const int y = h0 + e / kGradTileW, x = w0 + e % kGradTileW;
+  return (y < s.height && x < s.width) ? gy(b, c, y, x) : 0.0f;
+}
+
+// Slot e of the input tile with halo (zero padding outside the image).
+template <class Source>
+DECO_HD float grad_input_tile_element(const Source& in, const ConvShape& s, int b, int c, int h0, int w0, int e) {
+  const int cols = grad_input_tile_cols(s.kw);
+  const int y = h0 - s.kh / 2 + e / cols, x = w0 - s.kw / 2 + e % cols;
+  return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
+}
+
+// Lane `lane`'s share of tap t's sum over the tile (t == kh * kw: the bias, input 1).
+DECO_HD float weight_grad_lane_sum(const float* gy_tile, const float* in_tile, const ConvShape& s, int t, int lane) {
+  const bool is_bias = t == s.kh * s.kw;
+  const int i = is_bias ? 0 : t / s.kw, j = is_bias ? 0 : t % s.kw;
+  const int cols = grad_input_tile_cols(s.kw);
+  float sum = 0.0f;
+  for (int p = lane; p < kGradTileH * kGradTileW; p += kWarp) {
+    const float in = is_bias ? 1.0f : in_tile[(p / kGradTileW + i) * cols + p % kGradTileW + j];
+    sum = fmaf(gy_tile[p], in, sum);
+  }
+  return sum;
+}
+
+// Fixed-order sum of the per-tile partials of (channel c, tap t).
+DECO_HD float weight_grad_total(const float* partials, const GradTiling& g, int taps_with_bias, int c, int t) {
+  const float* p = partials + static_cast<int64_t>(c) * g.tiles * taps_with_bias + t;
+  float sum = 0.0f;
+  for (int tile = 0; tile < g.tiles; ++tile) sum += p[static_cast<int64_t>(tile) * taps_with_bias];
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Upsample-add-conv grad query: grad_u = grad_sum + gy (grad_sum = the transposed conv of gy, which is also
+// grad memory), summed over each query cell's footprint in the memory grid.
+
+template <typename T>
+DECO_HD float query_grad_at(const TensorSource<T>& grad_sum, const TensorSource<T>& gy, int b, int c, int qy, int qx,
+                            int query_h, int query_w, int h, int w) {
+  int y0, y1, x0, x1;
+  nearest_footprint(qy, query_h, h, y0, y1);
+  nearest_footprint(qx, query_w, w, x0, x1);
+  float sum = 0.0f;
+  for (int y = y0; y < y1; ++y)
+    for (int x = x0; x < x1; ++x) sum += grad_sum(b, c, y, x) + gy(b, c, y, x);
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Adaptive pooling, PyTorch's windows: rows [floor(i * H / oh), ceil((i + 1) * H / oh)).
+
+DECO_HD int pool_start(int i, int in, int out) { return static_cast<int>((static_cast<int64_t>(i) * in) / out); }
+DECO_HD int pool_end(int i, int in, int out) {
+  return static_cast<int>(((static_cast<int64_t>(i) + 1) * in + out - 1) / out);
+}
+
+// [first, last) of the windows that contain input row (or column) y.
+DECO_HD void pool_windows_containing(int y, int in, int out, int& first, int& last) {
+  first = static_cast<int>((static_cast<int64_t>(y) * out) / in);
+  const int64_t end = ((static_cast<int64_t>(y) + 1) * out + in - 1) / in;
+  last = static_cast<int>(end < out ? end : out);
+}
+
+struct PoolShape {
+  int batch, channels, height, width, out_h, out_w;
+};
+
+// Max over window (oy, ox) with PyTorch's rule: the first maximum in row-major order wins; a NaN wins over
+// numbers and a later NaN over an earlier one. Returns the value; `index` gets y * W + x of the winner.
+template <class Source>
+DECO_HD float adaptive_max_at(const Source& in, const PoolShape& s, int b, int c, int oy, int ox, int64_t& index) {
+  const int y0 = pool_start(oy, s.height, s.out_h), y1 = pool_end(oy, s.height, s.out_h);
+  const int x0 = pool_start(ox, s.width, s.out_w), x1 = pool_end(ox, s.width, s.out_w);
+  float best = -INFINITY;
+  int64_t best_index = static_cast<int64_t>(y0) * s.width + x0;
+  for (int y = y0; y < y1; ++y)
+    for (int x = x0; x < x1; ++x) {
+      const float v = in(b, c, y, x);
+      if (v > best || v != v) {
+        best = v;
+        best_index = static_cast<int64_t>(y) * s.width + x;
+      }
+    }
+  index = best_index;
+  return best;
+}
+
+template <class Source>
+DECO_HD float adaptive_avg_at(const Source& in, const PoolShape& s, int b, int c, int oy, int ox) {
+  const int y0 = pool_start(oy, s.height, s.out_h), y1 = pool_end(oy, s.height, s.out_h);
+  const int x0 = pool_start(ox, s.width, s.out_w), x1 = pool_end(ox, s.width, s.out_w);
+  float sum = 0.0f;
+  for (int y = y0; y < y1; ++y)
+    for (int x = x0; x < x1; ++x) sum += in(b, c, y, x);
+  return sum / static_cast<float>((y1 - y0) * (x1 - x0));
+}
+
+// grad x at (y, x): the grad y of every window containing it whose argmax is it (a gather, no atomics).
+template <typename T>
+DECO_HD float adaptive_max_grad_at(const TensorSource<T>& gy, const int64_t* indices, const Layout& index_layout,
+                                   const PoolShape& s, int b, int c, int y, int x) {
+  int i0, i1, j0, j1;
+  pool_windows_containing(y, s.height, s.out_h, i0, i1);
+  pool_windows_containing(x, s.width, s.out_w, j0, j1);
+  const int64_t self = static_cast<int64_t>(y) * s.width + x;
+  float sum = 0.0f;
+  for (int i = i0; i < i1; ++i)
+    for (int j = j0; j < j1; ++j)
+      if (indices[index_layout.at(b, c, i, j)] == self) sum += gy(b, c, i, j);
+  return sum;
+}
+
+template <typename T>
+DECO_HD float adaptive_avg_grad_at(const TensorSource<T>& gy, const PoolShape& s, int b, int c, int y, int x) {
+  int i0, i1, j0, j1;
+  pool_windows_containing(y, s.height, s.out_h, i0, i1);
+  pool_windows_containing(x, s.width, s.out_w, j0, j1);
+  float sum = 0.0f;
+  for (int i = i0; i < i1; ++i) {
+    const int rows = pool_end(i, s.height, s.out_h) - pool_start(i, s.height, s.out_h);
+    for (int j = j0; j < j1; ++j) {
+      const int cols = pool_end(j, s.width, s.out_w) - pool_start(j, s.width, s.out_w);
+      sum += gy(b, c, i, j) / static_cast<float>(rows * cols);
+    }
+  }
+  return sum;
+}
+
+// Decomposes a flat element index of a B x C x H x W grid, fastest dimension last in the given layout, so
+// consecutive threads touch consecutive memory in either layout.
+DECO_HD void unflatten(int64_t e, int C, int H, int W, bool channels_last, int& b, int& c, int& y, int& x) {
+  if (channels_last) {
+    c = static_cast<int>(e % C);
+    e /= C;
+    x = static_cast<int>(e % W);
+    e /= W;
+    y = static_cast<int>(e % H);
+    b = static_cast<int>(e / H);
+  } else {
+    x = static_cast<int>(e % W);
+    e /= W;
+    y = static_cast<int>(e % H);
+    e /= H;
+    c = static_cast<int>(e % C);
+    b = static_cast<int>(e / C);
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// Element-wise passes: one call per output element e (a GPU thread; a CPU loop iteration), elements ordered
+// so that consecutive e are consecutive in memory.
+
+// Channels-last conv: element e is (b, y, strip, c) with c fastest.
+template <typename T, class Source, class Epilogue>
+struct ConvDirectOp {
+  ConvShape s;
+  Source in;
+  const float* weight;
+  Epilogue epilogue;
+  T* out;
+  Layout out_layout;
+  DECO_HD int64_t size() const {
+    return static_cast<int64_t>(s.batch) * s.height * strips() * s.channels;
+  }
+  DECO_HD int strips() const { return (s.width + kConvStripCL - 1) / kConvStripCL; }
+  DECO_HD void operator()(int64_t e) const {
+    const int c = static_cast<int>(e % s.channels);
+    e /= s.channels;
+    const int strip = static_cast<int>(e % strips());
+    e /= strips();
+    const int y = static_cast<int>(e % s.height);
+    const int b = static_cast<int>(e / s.height);
+    const int x0 = strip * kConvStripCL;
+    const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x0 - s.kw / 2};
+    float acc[kConvStripCL] = {};
+    conv_strip(reader, weight + static_cast<int64_t>(c) * s.kh * s.kw, s.kh, s.kw, acc);
+    conv_store_strip(epilogue, s, out_layout, out, b, c, y, x0, acc);
+  }
+};
+
+// Element e = c * (kh * kw + 1) + t: the total of tap t (t == kh * kw: the bias) over all tiles.
+struct WeightGradReduceOp {
+  const float* partials;
+  GradTiling tiling;
+  int channels, taps;
+  float* grad_weight;  // C x taps
+  float* grad_bias;    // C
+  DECO_HD int64_t size() const { return static_cast<int64_t>(channels) * (taps + 1); }
+  DECO_HD void operator()(int64_t e) const {
+    const int c = static_cast<int>(e / (taps + 1)), t = static_cast<int>(e % (taps + 1));
+    const float total = weight_grad_total(partials, tiling, taps + 1, c, t);
+    if (t < taps)
+      grad_weight[static_cast<int64_t>(c) * taps + t] = total;
+    else
+      grad_bias[c] = total;
+  }
+};
+
+template <typename T>
+struct QueryGradOp {
+  ConvShape s;  // the memory's shape
+  int query_h, query_w;
+  bool channels_last;
+  TensorSource<T> grad_sum, grad_out;
+  T* grad_query;
+  Layout query_layout;
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * query_h * query_w; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, qy, qx;
+    unflatten(e, s.channels, query_h, query_w, channels_last, b, c, qy, qx);
+    grad_query[query_layout.at(b, c, qy, qx)] = static_cast<T>(
+        query_grad_at(grad_sum, grad_out, b, c, qy, qx, query_h, query_w, s.height, s.width));
+  }
+};
+
+template <typename T>
+struct MaxPoolForwardOp {
+  PoolShape s;
+  bool channels_last;
+  TensorSource<T> in;
+  T* out;
+  int64_t* indices;
+  Layout out_layout;
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * s.out_h * s.out_w; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, oy, ox;
+    unflatten(e, s.channels, s.out_h, s.out_w, channels_last, b, c, oy, ox);
+    int64_t index;
+    const float best = adaptive_max_at(in, s, b, c, oy, ox, index);
+    out[out_layout.at(b, c, oy, ox)] = static_cast<T>(best);
+    indices[out_layout.at(b, c, oy, ox)] = index;
+  }
+};
+
+template <typename T>
+struct MaxPoolBackwardOp {
+  PoolShape s;
+  bool channels_last;
+  TensorSource<T> grad_out;  // laid out like indices
+  const int64_t* indices;
+  T* grad_in;
+  Layout in_layout;
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * s.height * s.width; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, y, x;
+    unflatten(e, s.channels, s.height, s.width, channels_last, b, c, y, x);
+    grad_in[in_layout.at(b, c, y, x)] =
+        static_cast<T>(adaptive_max_grad_at(grad_out, indices, grad_out.layout, s, b, c, y, x));
+  }
+};
+
+template <typename T>
+struct AvgPoolForwardOp {
+  PoolShape s;
+  bool channels_last;
+  TensorSource<T> in;
+  T* out;
+  Layout out_layout;
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * s.out_h * s.out_w; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, oy, ox;
+    unflatten(e, s.channels, s.out_h, s.out_w, channels_last, b, c, oy, ox);
+    out[out_layout.at(b, c, oy, ox)] = static_cast<T>(adaptive_avg_at(in, s, b, c, oy, ox));
+  }
+};
+
+template <typename T>
+struct AvgPoolBackwardOp {
+  PoolShape s;
+  bool channels_last;
+  TensorSource<T> grad_out;
+  T* grad_in;
+  Layout in_layout;
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * s.height * s.width; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, y, x;
+    unflatten(e, s.channels, s.height, s.width, channels_last, b, c, y, x);
+    grad_in[in_layout.at(b, c, y, x)] = static_cast<T>(adaptive_avg_grad_at(grad_out, s, b, c, y, x));
+  }
+};
+
+}  // namespace deco

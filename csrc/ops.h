@@ -1,0 +1,68 @@
+// The eight primitives of deco_kernels, one set per device (kernels.cu: CUDA, cpu_kernels.cpp: CPU); both are
+// Ops<Backend> from ops_host.h. Registered as torch.ops.deco_kernels_C.* in bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+
+#define DECO_DECLARE_PRIMITIVES                                                                                 \
+  at::Tensor depthwise_conv2d_forward(const at::Tensor& x, const at::Tensor& weight,                            \
+                                      const c10::optional<at::Tensor>& bias);                                   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(                                     \
+      const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, std::array<bool, 3> output_mask); \
+  at::Tensor upsample_add_conv_forward(const at::Tensor& query, const at::Tensor& memory,                        \
+                                       const at::Tensor& weight, const c10::optional<at::Tensor>& bias);        \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_add_conv_backward(                        \
+      const at::Tensor& grad_y, const at::Tensor& query, const at::Tensor& memory, const at::Tensor& weight,    \
+      std::array<bool, 4> output_mask);                                                                         \
+  std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(const at::Tensor& x,                           \
+                                                                 at::IntArrayRef output_size);                  \
+  at::Tensor adaptive_max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices,                  \
+                                          at::IntArrayRef input_size);                                          \
+  at::Tensor adaptive_avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef output_size);                     \
+  at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_y, at::IntArrayRef input_size);
+
+// Defines the primitives of namespace deco::<device> as Ops<BACKEND>'s.
+#define DECO_DEFINE_PRIMITIVES(BACKEND)                                                                         \
+  at::Tensor depthwise_conv2d_forward(const at::Tensor& x, const at::Tensor& weight,                            \
+                                      const c10::optional<at::Tensor>& bias) {                                  \
+    return Ops<BACKEND>::depthwise_conv2d_forward(x, weight, bias);                                             \
+  }                                                                                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(                                     \
+      const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, std::array<bool, 3> output_mask) { \
+    return Ops<BACKEND>::depthwise_conv2d_backward(grad_y, x, weight, output_mask);                             \
+  }                                                                                                             \
+  at::Tensor upsample_add_conv_forward(const at::Tensor& query, const at::Tensor& memory,                        \
+                                       const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {       \
+    return Ops<BACKEND>::upsample_add_conv_forward(query, memory, weight, bias);                                \
+  }                                                                                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_add_conv_backward(                        \
+      const at::Tensor& grad_y, const at::Tensor& query, const at::Tensor& memory, const at::Tensor& weight,    \
+      std::array<bool, 4> output_mask) {                                                                        \
+    return Ops<BACKEND>::upsample_add_conv_backward(grad_y, query, memory, weight, output_mask);                \
+  }                                                                                                             \
+  std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(const at::Tensor& x,                           \
+                                                                 at::IntArrayRef output_size) {                 \
+    return Ops<BACKEND>::adaptive_max_pool2d_forward(x, output_size);                                           \
+  }                                                                                                             \
+  at::Tensor adaptive_max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices,                  \
+                                          at::IntArrayRef input_size) {                                         \
+    return Ops<BACKEND>::adaptive_max_pool2d_backward(grad_y, indices, input_size);                             \
+  }                                                                                                             \
+  at::Tensor adaptive_avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef output_size) {                    \
+    return Ops<BACKEND>::adaptive_avg_pool2d_forward(x, output_size);                                           \
+  }                                                                                                             \
+  at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_y, at::IntArrayRef input_size) {               \
+    return Ops<BACKEND>::adaptive_avg_pool2d_backward(grad_y, input_size);                                      \
+  }
+
+namespace deco {
+namespace cpu {
+DECO_DECLARE_PRIMITIVES
+}  // namespace cpu
+namespace cuda {
+DECO_DECLARE_PRIMITIVES
+}  // namespace cuda
+}  // namespace deco

@@ -1,0 +1,372 @@
+// Host side of the eight primitives, written once for both builds: argument checks, memory-format handling,
+// output allocation and the sequence of passes. `Backend` (CudaBackend in kernels.cu, CpuBackend in
+// cpu_kernels.cpp) only says how a pass runs over its grid:
+//   Backend::Guard                      device guard constructed from the inputs' device
+//   Backend::for_each(op)               op(e) for e in [0, op.size())  (the element-wise passes)
+//   Backend::conv_tiled<T>(s, in, weight, epilogue, out, layout)        the NCHW shared-memory conv pass
+//   Backend::weight_grad_partials<T>(s, in, grad_out, partials)         per-tile weight/bias gradient sums
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <climits>
+#include <tuple>
+
+#include "kernel_math.h"
+
+namespace deco {
+
+#define DECO_DISPATCH_FLOATING(TYPE, NAME, ...)                       \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+// ---------------------------------------------------------------------------------------------------------
+// Checks. Messages name the argument and what was expected.
+
+inline void check_activation(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (B x C x H x W), got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(t.device() == like.device(), name, " must be on the same device as ", like_name, " (", like.device(),
+              "), got ", t.device());
+  TORCH_CHECK(dtype == like.scalar_type(), name, " must have the dtype of ", like_name, " (", like.scalar_type(),
+              "), got ", dtype);
+  TORCH_CHECK(t.size(1) * t.size(2) * t.size(3) <= INT_MAX && t.size(0) <= INT_MAX, name, " of shape ", t.sizes(),
+              " is too large: one image (C * H * W elements) must fit 32-bit indexing");
+}
+
+inline void check_weight(const at::Tensor& weight, const at::Tensor& x, const char* x_name) {
+  TORCH_CHECK(weight.defined(), "weight must be a tensor, got None");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1, "weight must be C x 1 x kh x kw, got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(0) == x.size(1), "weight has ", weight.size(0), " channels but ", x_name, " has ", x.size(1));
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(kh % 2 == 1 && kw % 2 == 1 && kh <= 31 && kw <= 31,
+              "weight's kernel size must be odd and at most 31 in each dimension, got ", kh, " x ", kw);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), "weight must be on the same device as ", x_name, " (", x.device(),
+              "), got ", weight.device());
+}
+
+inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, const char* x_name) {
+  if (!bias.has_value() || !bias->defined()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1), "bias must have shape (", x.size(1), ",) to match ",
+              x_name, "'s channels, got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
+  TORCH_CHECK(bias->device() == x.device(), "bias must be on the same device as ", x_name, " (", x.device(),
+              "), got ", bias->device());
+}
+
+inline void check_same_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* what) {
+  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected, " (", what, "), got ", t.sizes());
+}
+
+inline std::pair<int, int> check_output_size(at::IntArrayRef output_size) {
+  TORCH_CHECK(output_size.size() == 2, "output_size must be (out_h, out_w), got ", output_size);
+  TORCH_CHECK(output_size[0] > 0 && output_size[1] > 0 && output_size[0] <= INT_MAX && output_size[1] <= INT_MAX,
+              "output_size must be positive, got ", output_size);
+  return {static_cast<int>(output_size[0]), static_cast<int>(output_size[1])};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Memory formats. The primary activation's format (NCHW unless it is channels-last) decides the format of
+// every activation of the call and of the outputs; other tensors (e.g. an expanded, stride-0 gradient) are
+// made contiguous in it.
+
+inline bool is_channels_last(const at::Tensor& t) {
+  if (t.is_contiguous()) return false;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+inline at::MemoryFormat memory_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline at::Tensor in_format(const at::Tensor& t, bool channels_last) {
+  return t.contiguous(memory_format(channels_last));
+}
+
+inline Layout layout_of(const at::Tensor& t, bool channels_last) {
+  return make_layout(static_cast<int>(t.size(1)), static_cast<int>(t.size(2)), static_cast<int>(t.size(3)),
+                     channels_last);
+}
+
+template <typename T>
+TensorSource<T> source_of(const at::Tensor& t, bool channels_last) {
+  return TensorSource<T>{t.data_ptr<T>(), layout_of(t, channels_last)};
+}
+
+inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight) {
+  return ConvShape{static_cast<int>(x.size(0)),      static_cast<int>(x.size(1)),
+                   static_cast<int>(x.size(2)),      static_cast<int>(x.size(3)),
+                   static_cast<int>(weight.size(2)), static_cast<int>(weight.size(3))};
+}
+
+inline at::Tensor fp32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+template <class Backend>
+struct Ops {
+  // One convolution pass over `s`: the channels-last path runs the element-wise direct kernel, NCHW the
+  // shared-memory tiled one.
+  template <typename T, class Source, class Epilogue>
+  static void conv(const ConvShape& s, bool channels_last, const Source& in, const at::Tensor& weight,
+                   const Epilogue& epilogue, const at::Tensor& out) {
+    if (out.numel() == 0) return;
+    const Layout layout = layout_of(out, channels_last);
+    if (channels_last) {
+      Backend::for_each(ConvDirectOp<T, Source, Epilogue>{s, in, weight.data_ptr<float>(), epilogue,
+                                                           out.data_ptr<T>(), layout});
+    } else {
+      Backend::template conv_tiled<T>(s, in, weight.data_ptr<float>(), epilogue, out.data_ptr<T>(), layout);
+    }
+  }
+
+  // grad weight (C x 1 x kh x kw) and grad bias (C), float32, summed over a batch of `in` and `grad_out`.
+  template <typename T, class Source>
+  static std::pair<at::Tensor, at::Tensor> weight_grad(const ConvShape& s, const Source& in,
+                                                       const TensorSource<T>& grad_out, const at::Tensor& like) {
+    const auto options = like.options().dtype(at::kFloat);
+    at::Tensor grad_weight = at::empty({s.channels, 1, s.kh, s.kw}, options);
+    at::Tensor grad_bias = at::empty({s.channels}, options);
+    if (static_cast<int64_t>(s.batch) * s.height * s.width == 0) {
+      grad_weight.zero_();
+      grad_bias.zero_();
+      return {grad_weight, grad_bias};
+    }
+    if (s.channels == 0) return {grad_weight, grad_bias};
+    const GradTiling tiling = make_grad_tiling(s);
+    const int taps = s.kh * s.kw;
+    TORCH_CHECK(static_cast<int64_t>(s.channels) * tiling.tiles <= INT_MAX,
+                "too many (channel, tile) blocks for the weight gradient: ", s.channels, " x ", tiling.tiles);
+    at::Tensor partials = at::empty({static_cast<int64_t>(s.channels) * tiling.tiles * (taps + 1)}, options);
+    Backend::template weight_grad_partials<T>(s, in, grad_out, partials.data_ptr<float>());
+    Backend::for_each(WeightGradReduceOp{partials.data_ptr<float>(), tiling, s.channels, taps,
+                                         grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>()});
+    return {grad_weight, grad_bias};
+  }
+
+  static at::Tensor depthwise_conv2d_forward(const at::Tensor& x, const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias) {
+    check_activation(x, "x", x, "x");
+    check_weight(weight, x, "x");
+    check_bias(bias, x, "x");
+    typename Backend::Guard guard(x.device());
+    const bool cl = is_channels_last(x);
+    const at::Tensor xc = in_format(x, cl);
+    const at::Tensor w = fp32_contiguous(weight);
+    const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
+    at::Tensor y = at::empty_like(xc, memory_format(cl));
+    const ConvShape s = conv_shape(xc, w);
+    DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_forward", [&] {
+      conv<scalar_t>(s, cl, source_of<scalar_t>(xc, cl), w, BiasEpilogue{b.defined() ? b.data_ptr<float>() : nullptr},
+                     y);
+    });
+    return y;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward(const at::Tensor& grad_y,
+                                                                                   const at::Tensor& x,
+                                                                                   const at::Tensor& weight,
+                                                                                   std::array<bool, 3> output_mask) {
+    check_activation(x, "x", x, "x");
+    check_activation(grad_y, "grad_y", x, "x");
+    check_same_shape(grad_y, "grad_y", x.sizes(), "the shape of x");
+    check_weight(weight, x, "x");
+    typename Backend::Guard guard(x.device());
+    const bool cl = is_channels_last(x);
+    const at::Tensor xc = in_format(x, cl), gyc = in_format(grad_y, cl);
+    const at::Tensor w = fp32_contiguous(weight);
+    const ConvShape s = conv_shape(xc, w);
+    at::Tensor grad_x, grad_weight, grad_bias;
+    DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_backward", [&] {
+      if (output_mask[0]) {
+        grad_x = at::empty_like(xc, memory_format(cl));
+        conv<scalar_t>(s, cl, source_of<scalar_t>(gyc, cl), w.flip({2, 3}).contiguous(), BiasEpilogue{nullptr},
+                       grad_x);
+      }
+      if (output_mask[1] || output_mask[2]) {
+        std::tie(grad_weight, grad_bias) =
+            weight_grad<scalar_t>(s, source_of<scalar_t>(xc, cl), source_of<scalar_t>(gyc, cl), xc);
+      }
+    });
+    return {grad_x, output_mask[1] ? grad_weight : at::Tensor(), output_mask[2] ? grad_bias : at::Tensor()};
+  }
+
+  template <typename T>
+  static UpsampleSumSource<T> upsample_sum(const at::Tensor& query, const at::Tensor& memory, bool cl) {
+    return UpsampleSumSource<T>{query.data_ptr<T>(),
+                                layout_of(query, cl),
+                                static_cast<int>(query.size(2)),
+                                static_cast<int>(query.size(3)),
+                                memory.data_ptr<T>(),
+                                layout_of(memory, cl),
+                                static_cast<int>(memory.size(2)),
+                                static_cast<int>(memory.size(3))};
+  }
+
+  static void check_query(const at::Tensor& query, const at::Tensor& memory) {
+    check_activation(query, "query", memory, "memory");
+    TORCH_CHECK(query.size(0) == memory.size(0) && query.size(1) == memory.size(1),
+                "query must have memory's batch and channels (", memory.size(0), ", ", memory.size(1), "), got ",
+                query.sizes());
+    TORCH_CHECK(query.size(2) > 0 && query.size(3) > 0, "query's H and W must be positive, got ", query.sizes());
+  }
+
+  static at::Tensor upsample_add_conv_forward(const at::Tensor& query, const at::Tensor& memory,
+                                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+    check_activation(memory, "memory", memory, "memory");
+    check_query(query, memory);
+    check_weight(weight, memory, "memory");
+    check_bias(bias, memory, "memory");
+    typename Backend::Guard guard(memory.device());
+    const bool cl = is_channels_last(memory);
+    const at::Tensor qc = in_format(query, cl), mc = in_format(memory, cl);
+    const at::Tensor w = fp32_contiguous(weight);
+    const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
+    at::Tensor y = at::empty_like(mc, memory_format(cl));
+    const ConvShape s = conv_shape(mc, w);
+    DECO_DISPATCH_FLOATING(memory.scalar_type(), "upsample_add_conv_forward", [&] {
+      const UpsampleSumSource<scalar_t> sum = upsample_sum<scalar_t>(qc, mc, cl);
+      conv<scalar_t>(s, cl, sum,
+                     w, UpsampleResidualEpilogue<scalar_t>{b.defined() ? b.data_ptr<float>() : nullptr, sum}, y);
+    });
+    return y;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_add_conv_backward(
+      const at::Tensor& grad_y, const at::Tensor& query, const at::Tensor& memory, const at::Tensor& weight,
+      std::array<bool, 4> output_mask) {
+    check_activation(memory, "memory", memory, "memory");
+    check_query(query, memory);
+    check_activation(grad_y, "grad_y", memory, "memory");
+    check_same_shape(grad_y, "grad_y", memory.sizes(), "the shape of memory");
+    check_weight(weight, memory, "memory");
+    typename Backend::Guard guard(memory.device());
+    const bool cl = is_channels_last(memory);
+    const at::Tensor qc = in_format(query, cl), mc = in_format(memory, cl), gyc = in_format(grad_y, cl);
+    const at::Tensor w = fp32_contiguous(weight);
+    const ConvShape s = conv_shape(mc, w);
+    at::Tensor grad_query, grad_sum, grad_weight, grad_bias;
+    DECO_DISPATCH_FLOATING(memory.scalar_type(), "upsample_add_conv_backward", [&] {
+      const TensorSource<scalar_t> gy = source_of<scalar_t>(gyc, cl);
+      if (output_mask[0] || output_mask[1]) {
+        // grad of (u + m): the transposed conv of grad y; it is grad memory, and grad u = it + grad y.
+        grad_sum = at::empty_like(mc, memory_format(cl));
+        conv<scalar_t>(s, cl, gy, w.flip({2, 3}).contiguous(), BiasEpilogue{nullptr}, grad_sum);
+      }
+      if (output_mask[0]) {
+        grad_query = at::empty_like(qc, memory_format(cl));
+        if (grad_query.numel() > 0)
+          Backend::for_each(QueryGradOp<scalar_t>{s, static_cast<int>(qc.size(2)), static_cast<int>(qc.size(3)), cl,
+                                                  source_of<scalar_t>(grad_sum, cl), gy, grad_query.data_ptr<scalar_t>(),
+                                                  layout_of(qc, cl)});
+      }
+      if (output_mask[2] || output_mask[3]) {
+        std::tie(grad_weight, grad_bias) = weight_grad<scalar_t>(s, upsample_sum<scalar_t>(qc, mc, cl), gy, mc);
+      }
+    });
+    return {grad_query, output_mask[1] ? grad_sum : at::Tensor(), output_mask[2] ? grad_weight : at::Tensor(),
+            output_mask[3] ? grad_bias : at::Tensor()};
+  }
+
+  static void check_pool_input(const at::Tensor& x, const char* name) {
+    check_activation(x, name, x, name);
+    TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, name, "'s H and W must be positive, got ", x.sizes());
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(const at::Tensor& x,
+                                                                        at::IntArrayRef output_size) {
+    check_pool_input(x, "x");
+    const auto [out_h, out_w] = check_output_size(output_size);
+    typename Backend::Guard guard(x.device());
+    const bool cl = is_channels_last(x);
+    const at::Tensor xc = in_format(x, cl);
+    const PoolShape s{static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), static_cast<int>(x.size(2)),
+                      static_cast<int>(x.size(3)), out_h, out_w};
+    at::Tensor y = at::empty({x.size(0), x.size(1), out_h, out_w}, xc.options().memory_format(memory_format(cl)));
+    at::Tensor indices = at::empty_like(y, y.options().dtype(at::kLong), memory_format(cl));
+    if (y.numel() == 0) return {y, indices};
+    DECO_DISPATCH_FLOATING(x.scalar_type(), "adaptive_max_pool2d_forward", [&] {
+      Backend::for_each(MaxPoolForwardOp<scalar_t>{s, cl, source_of<scalar_t>(xc, cl), y.data_ptr<scalar_t>(),
+                                                   indices.data_ptr<int64_t>(), layout_of(y, cl)});
+    });
+    return {y, indices};
+  }
+
+  static std::pair<int, int> check_input_size(at::IntArrayRef input_size) {
+    TORCH_CHECK(input_size.size() == 2 && input_size[0] > 0 && input_size[1] > 0 && input_size[0] <= INT_MAX &&
+                    input_size[1] <= INT_MAX,
+                "input_size must be (H, W) with positive entries, got ", input_size);
+    return {static_cast<int>(input_size[0]), static_cast<int>(input_size[1])};
+  }
+
+  static at::Tensor pool_grad_input(const at::Tensor& grad_y, int height, int width, bool cl) {
+    TORCH_CHECK(grad_y.size(1) * height * width <= INT_MAX, "input_size ", height, " x ", width,
+                " is too large: one image must fit 32-bit indexing");
+    return at::empty({grad_y.size(0), grad_y.size(1), height, width},
+                     grad_y.options().memory_format(memory_format(cl)));
+  }
+
+  static at::Tensor adaptive_max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices,
+                                                 at::IntArrayRef input_size) {
+    check_activation(grad_y, "grad_y", grad_y, "grad_y");
+    const auto [height, width] = check_input_size(input_size);
+    TORCH_CHECK(indices.defined() && indices.scalar_type() == at::kLong, "indices must be an int64 tensor");
+    TORCH_CHECK(indices.device() == grad_y.device(), "indices must be on the same device as grad_y (",
+                grad_y.device(), "), got ", indices.device());
+    check_same_shape(indices, "indices", grad_y.sizes(), "the shape of grad_y");
+    typename Backend::Guard guard(grad_y.device());
+    const bool cl = is_channels_last(grad_y);
+    const at::Tensor gyc = in_format(grad_y, cl), ic = in_format(indices, cl);
+    const PoolShape s{static_cast<int>(grad_y.size(0)), static_cast<int>(grad_y.size(1)), height, width,
+                      static_cast<int>(grad_y.size(2)), static_cast<int>(grad_y.size(3))};
+    at::Tensor grad_x = pool_grad_input(grad_y, height, width, cl);
+    if (grad_x.numel() == 0) return grad_x;
+    DECO_DISPATCH_FLOATING(grad_y.scalar_type(), "adaptive_max_pool2d_backward", [&] {
+      Backend::for_each(MaxPoolBackwardOp<scalar_t>{s, cl, source_of<scalar_t>(gyc, cl), ic.data_ptr<int64_t>(),
+                                                    grad_x.data_ptr<scalar_t>(), layout_of(grad_x, cl)});
+    });
+    return grad_x;
+  }
+
+  static at::Tensor adaptive_avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef output_size) {
+    check_pool_input(x, "x");
+    const auto [out_h, out_w] = check_output_size(output_size);
+    typename Backend::Guard guard(x.device());
+    const bool cl = is_channels_last(x);
+    const at::Tensor xc = in_format(x, cl);
+    const PoolShape s{static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), static_cast<int>(x.size(2)),
+                      static_cast<int>(x.size(3)), out_h, out_w};
+    at::Tensor y = at::empty({x.size(0), x.size(1), out_h, out_w}, xc.options().memory_format(memory_format(cl)));
+    if (y.numel() == 0) return y;
+    DECO_DISPATCH_FLOATING(x.scalar_type(), "adaptive_avg_pool2d_forward", [&] {
+      Backend::for_each(AvgPoolForwardOp<scalar_t>{s, cl, source_of<scalar_t>(xc, cl), y.data_ptr<scalar_t>(),
+                                                   layout_of(y, cl)});
+    });
+    return y;
+  }
+
+  static at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_y, at::IntArrayRef input_size) {
+    check_activation(grad_y, "grad_y", grad_y, "grad_y");
+    const auto [height, width] = check_input_size(input_size);
+    typename Backend::Guard guard(grad_y.device());
+    const bool cl = is_channels_last(grad_y);
+    const at::Tensor gyc = in_format(grad_y, cl);
+    const PoolShape s{static_cast<int>(grad_y.size(0)), static_cast<int>(grad_y.size(1)), height, width,
+                      static_cast<int>(grad_y.size(2)), static_cast<int>(grad_y.size(3))};
+    at::Tensor grad_x = pool_grad_input(grad_y, height, width, cl);
+    if (grad_x.numel() == 0) return grad_x;
+    DECO_DISPATCH_FLOATING(grad_y.scalar_type(), "adaptive_avg_pool2d_backward", [&] {
+      Backend::for_each(AvgPoolBackwardOp<scalar_t>{s, cl, source_of<scalar_t>(gyc, cl), grad_x.data_ptr<scalar_t>(),
+                                                    layout_of(grad_x, cl)});
+    });
+    return grad_x;
+  }
+};
+
+}  // namespace deco
