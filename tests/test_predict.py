@@ -104,11 +104,19 @@ def test_predict_writes_drawn_images_and_json(tmp_path, checkpoint_path):
     assert all(entry["detections"] == [] for entry in report)
 
 
-def test_predict_names_an_unreadable_image(tmp_path, checkpoint_path):
+def test_predict_names_an_unreadable_image(tmp_path, checkpoint_path, caplog):
     (tmp_path / "broken.png").write_bytes(b"nope")
     args = ["predict", "--checkpoint", str(checkpoint_path), str(tmp_path / "broken.png"), "--out", str(tmp_path)]
-    with pytest.raises(ValueError, match=r"broken\.png cannot be decoded"):
-        deco_main([*args, "--device", "cpu"])
+    assert deco_main([*args, "--device", "cpu"]) == 1
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("deco predict:" in m and "broken.png cannot be decoded" in m for m in messages)
+
+
+def test_eval_names_a_missing_checkpoint(tmp_path, caplog):
+    args = ["eval", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "none.pth"), "--device", "cpu"]
+    assert deco_main(args) == 1
+    assert any("deco eval: checkpoint" in r.getMessage() and "none.pth does not exist" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
 
 
 def test_eval_command_writes_the_metrics(tmp_path, checkpoint_path):

@@ -114,6 +114,11 @@ def test_invalid_arguments(tmp_path):
         write_synthetic_dataset(tmp_path, 2, 0, val_fraction=1.0)
 
 
+def test_synth_command_reports_bad_arguments(tmp_path, caplog):
+    assert deco_main(["synth", "--out", str(tmp_path), "--images", "0"]) == 1
+    assert any("deco synth: num_images must be at least 1" in r.getMessage() for r in caplog.records)
+
+
 def test_synth_command(tmp_path):
     assert deco_main(["synth", "--out", str(tmp_path), "--images", "3", "--seed", "2", "--size", "48", "64"]) == 0
     train, val = _load(tmp_path, "train"), _load(tmp_path, "val")

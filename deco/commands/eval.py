@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
@@ -56,6 +58,21 @@ def eval_transforms(args: argparse.Namespace, checkpoint: dict):
     return make_transforms(False, eval_size=eval_size, max_size=max_size)
 
 
+def exit_code_on_input_error(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command's ``run``: a missing or invalid input (FileNotFoundError / ValueError, whose messages name
+    the file and the problem) is logged as one line and gives exit code 1 instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (FileNotFoundError, ValueError) as error:
+            logger.error("deco %s: %s", args.command, error)
+            return 1
+
+    return run
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +91,10 @@ def _check_categories(model_categories: list[dict], dataset_categories: list[dic
         )
 
 
+@exit_code_on_input_error
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --num-workers >= 0; got {args.batch_size}, {args.num_workers}")
     device = init_distributed(resolve_device(args.device))
     try:
         checkpoint = load_model_checkpoint(args.checkpoint)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from deco.commands.eval import add_eval_size_arguments, eval_transforms, resolve_device
+from deco.commands.eval import add_eval_size_arguments, eval_transforms, exit_code_on_input_error, resolve_device
 from deco.data import collate_fn
 from deco.data.coco import load_image
 from deco.data.files import write_json_atomically
@@ -111,6 +111,7 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
+@exit_code_on_input_error
 def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1]; got {args.threshold}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from deco.commands.eval import exit_code_on_input_error
 from deco.data.synthetic import write_synthetic_dataset
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+@exit_code_on_input_error
 def run(args: argparse.Namespace) -> int:
     summary = write_synthetic_dataset(
         args.out,
