@@ -50,6 +50,12 @@ def pytest_addoption(parser):
     group.addoption("--bench-peak-tflops", type=float, default=None, help="FP32 peak, when not derivable")
 
 
+def pytest_configure(config):
+    if config.getoption("--bench-smoke"):
+        # Tiny shapes: one thread avoids the OpenMP hand-off that dominates (and, on a busy CPU, stalls) them.
+        torch.set_num_threads(1)
+
+
 def _selection(config) -> dict:
     smoke = config.getoption("--bench-smoke")
     groups = _csv(config.getoption("--bench-groups")) or (("smoke",) if smoke else tuple(g for g in GROUPS if g != "smoke"))

@@ -1,0 +1,175 @@
+"""The benchmark suite cannot rot: it runs on the CPU with tiny shapes, writes results files that follow the
+schema, and its report and target checker work on them. Timings are never asserted (CPU numbers mean nothing).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the installed ones, not inside them
+
+from benchmarks import e2e, roofline  # noqa: E402
+from benchmarks.cases import OPS, cases  # noqa: E402
+from benchmarks.check_targets import evaluate  # noqa: E402
+from benchmarks.report import headline_table, render  # noqa: E402
+from benchmarks.results import add_speedups, load, merge, validate  # noqa: E402
+
+
+def test_microbenchmark_suite_runs_on_cpu(tmp_path):
+    out = tmp_path / "micro.json"
+    command = [
+        sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+        "--bench-smoke", "--bench-dtypes", "float32", "--bench-rep-ms", "1", "--bench-compile-backend", "eager",
+        "--bench-out", str(out),
+    ]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    # The GPU backends are skipped on the CPU, and say so.
+    assert "deco-triton needs a CUDA device" in done.stdout
+    assert "deco-cuda needs a CUDA device" in done.stdout
+
+    document = load(out)
+    measured = {(r["op"], r["provider"], r["pass"]) for r in document["records"]}
+    for op in OPS:
+        for provider in ("deco-torch", "eager-nchw", "eager-cl", "compile"):
+            for pass_ in roofline.PASSES:
+                assert (op, provider, pass_) in measured
+    for record in document["records"]:
+        expected = roofline.cost(record["op"], record["shape"], torch.float32, record["pass"])
+        assert record["model_bytes"] == expected.bytes and record["model_flops"] == expected.flops
+        assert set(record["speedup"]) <= {"eager-nchw", "eager-cl", "compile", "compile-max-autotune"}
+        assert record["provider"] not in record["speedup"]
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny models: the OpenMP hand-off between threads costs more than the work (and stalls on a busy CPU).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_end_to_end_benchmark_runs_on_cpu(tmp_path, one_thread):
+    out = tmp_path / "e2e.json"
+    status = e2e.main(
+        [
+            "--out", str(out), "--smoke", "--models", "deco-r18,detr-r50", "--providers", "stock-eager,fused-eager,eager",
+            "--dtypes", "float32", "--batch", "2", "--image-size", "64", "64", "--runs", "1", "--warmup", "0",
+            "--rep-ms", "0",
+        ]
+    )
+    assert status == 0
+    document = load(out)
+    got = {(r["model"], r["provider"], r["pass"]) for r in document["records"]}
+    assert got == {
+        (model, provider, pass_)
+        for model, provider in (("DECO-R18", "stock-eager"), ("DECO-R18", "fused-eager"), ("DETR-R50", "eager"))
+        for pass_ in ("train_step", "infer")
+    }
+    for record in document["records"]:
+        assert record["batch"] == (2 if record["pass"] == "train_step" else 1)
+        assert record["peak_mem_gb"] is None  # only measured on a GPU
+    fused = next(r for r in document["records"] if r["provider"] == "fused-eager")
+    assert set(fused["speedup"]) == {"stock-eager"}
+
+
+def test_synthetic_batch_is_padded_and_valid():
+    images, mask, targets = e2e.synthetic_batch(3, (40, 60), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert images.shape == (3, 3, 40, 60) and mask.shape == (3, 40, 60)
+    assert not mask[0].any() and mask[1:].any()
+    assert (images[mask.unsqueeze(1).expand_as(images)] == 0).all()
+    for target in targets:
+        boxes = target["boxes"]
+        assert 1 <= len(boxes) <= 20 and (target["labels"] < 91).all()
+        assert (boxes[:, :2] - boxes[:, 2:] / 2 >= 0).all() and (boxes[:, :2] + boxes[:, 2:] / 2 <= 1).all()
+
+
+def test_pool_windows_match_torch():
+    for size, out in ((25, 10), (42, 10), (7, 3), (5, 10)):
+        lengths = roofline.adaptive_pool_windows(size, out)
+        # torch's average of 0, 1, ..., size-1 over a window [start, start + n) is start + (n - 1) / 2.
+        averaged = torch.nn.functional.adaptive_avg_pool1d(torch.arange(size, dtype=torch.float64).view(1, 1, -1), out)
+        starts = [i * size // out for i in range(out)]
+        expected = [start + (n - 1) / 2 for start, n in zip(starts, lengths)]
+        torch.testing.assert_close(averaged.view(-1), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_cost_model_by_hand():
+    shape = {"B": 2, "C": 3, "H": 4, "W": 5, "kh": 3, "kw": 3}
+    n = 2 * 3 * 4 * 5
+    params = 3 * 10 * 4
+    forward = roofline.cost("depthwise_conv2d", shape, torch.bfloat16, "fwd")
+    assert forward.bytes == 2 * n * 2 + params and forward.flops == 2 * n * 9 + n
+    both = roofline.cost("depthwise_conv2d", shape, torch.float32, "fwd+bwd")
+    assert both.bytes == 5 * n * 4 + 3 * params and both.flops == 6 * n * 9 + 2 * n
+    pool = roofline.cost("adaptive_max_pool2d", {"B": 1, "C": 1, "H": 25, "W": 25, "oh": 10, "ow": 10}, torch.float32, "fwd")
+    # 25 -> 10: every window spans 3 rows (and 3 columns), e.g. [0, 3), [2, 5), [5, 8).
+    assert pool.bytes == 625 * 4 + 100 * (4 + 8) and pool.flops == 30 * 30
+    assert roofline.roofline_floor_s(roofline.Cost(1e9, 1e9), 1e12, 1e13) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="pass_ must be one of"):
+        roofline.cost("depthwise_conv2d", shape, torch.float32, "backward")
+
+
+def test_case_selection():
+    deco_9x9 = cases("depthwise_conv2d", ("deco", "stride8"), kernels=(9,), batches=(8,))
+    assert {(c.group, c.dims["H"], c.dims["W"]) for c in deco_9x9} == {("deco", 25, 42), ("deco", 10, 10), ("stride8", 100, 167)}
+    with pytest.raises(ValueError, match="groups must be among"):
+        cases("depthwise_conv2d", ("stride4",))
+
+
+def _micro(provider, median, op="depthwise_conv2d", group="deco", shape=None, pass_="fwd+bwd", roofline_pct=50.0):
+    shape = shape or {"B": 8, "C": 480, "H": 25, "W": 42, "kh": 9, "kw": 9}
+    return {
+        "op": op, "group": group, "provider": provider, "shape": shape, "dtype": "float32", "pass": pass_,
+        "median_ms": median, "p20_ms": median, "p80_ms": median, "runs": 10, "gb_per_s": 1.0, "gflop_per_s": 1.0,
+        "roofline_pct": roofline_pct, "speedup": {},
+    }
+
+
+def _document(records):
+    return {"device": "test", "torch": "x", "triton": None, "date": "2026-01-01", "command": "c", "records": records}
+
+
+def test_targets_are_judged_on_the_worst_row():
+    stride8 = {"B": 8, "C": 256, "H": 100, "W": 167, "kh": 9, "kw": 9}
+    records = [
+        _micro("eager-nchw", 1.0), _micro("eager-cl", 0.8), _micro("compile", 0.6),
+        _micro("deco-triton", 0.5), _micro("deco-triton-cl", 0.3),  # 0.8 / 0.3 = 2.67x over eager, 2x compile
+        _micro("eager-nchw", 4.0, group="stride8", shape=stride8), _micro("compile", 3.0, group="stride8", shape=stride8),
+        _micro("deco-triton", 2.5, group="stride8", shape=stride8, roofline_pct=75.0),  # 1.6x: the worst row
+    ]
+    outcomes = {(o.target, o.side): o for o in evaluate(records)}
+    eager = outcomes[("depthwise 9x9 fwd+bwd >= 2x faster eager layout", "triton")]
+    assert eager.status == "MISSED" and eager.worst == pytest.approx(1.6) and eager.rows == 2
+    compiled = outcomes[("depthwise 9x9 fwd+bwd >= 1.5x torch.compile", "triton")]
+    assert compiled.status == "MISSED" and compiled.worst == pytest.approx(3.0 / 2.5)  # DECO row: 0.6 / 0.3 = 2x
+    assert outcomes[("depthwise 9x9 fwd+bwd >= 2x faster eager layout", "cuda")].status == "NO DATA"
+    roof = outcomes[("large shapes >= 70% of the roofline floor", "triton")]
+    assert roof.status == "MET" and roof.worst == 75.0
+
+
+def test_speedups_schema_and_merge(tmp_path):
+    records = [_micro("eager-nchw", 2.0), _micro("deco-triton", 0.5)]
+    add_speedups(records, ("eager-nchw",))
+    assert records[1]["speedup"] == {"eager-nchw": 4.0} and records[0]["speedup"] == {}
+    validate(_document(records))
+    broken = _document([{k: v for k, v in records[0].items() if k != "median_ms"}])
+    with pytest.raises(ValueError, match="records\\[0\\]: missing field 'median_ms'"):
+        validate(broken)
+    with pytest.raises(ValueError, match="field 'pass' must be one of"):
+        validate(_document([{**records[0], "pass": "train"}]))
+    with pytest.raises(ValueError, match="different devices"):
+        merge([_document(records), {**_document(records), "device": "other"}])
+    path = tmp_path / "gpu-2026-01-01.json"
+    path.write_text(json.dumps(merge([_document(records[:1]), _document(records[1:])])))
+    markdown, plots = render(path)
+    assert "depthwise_conv2d" in markdown.read_text() and [p.name for p in plots] == ["gpu-2026-01-01-depthwise_conv2d.png"]
+    assert "| depthwise_conv2d | B8 C480 H25 W42 kh9 kw9 | float32 | fwd+bwd | 0.500 |" in headline_table(records)
