@@ -10,6 +10,7 @@ Outputs of the launchers go through :func:`empty_output` so that tests can fill 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "pair",
     "parameter_as_fp32",
     "poisoned_outputs",
+    "primitives",
 ]
 
 MAX_KERNEL_SIZE = 31
@@ -100,13 +102,15 @@ def empty_output(
 
 
 def check_activation(t: torch.Tensor, name: str, op: str) -> None:
-    """``t`` must be a 4-D (B x C x H x W) floating tensor of dtype float32, float16 or bfloat16."""
+    """``t`` must be a 4-D (B x C x H x W) float32, float16 or bfloat16 tensor with H, W >= 1 (B may be 0)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{op}: {name} must be 4-D (B x C x H x W); got shape {tuple(t.shape)}")
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16; got {t.dtype}")
+    if t.shape[2] < 1 or t.shape[3] < 1:
+        raise ValueError(f"{op}: {name} must have H >= 1 and W >= 1; got shape {tuple(t.shape)}")
 
 
 def check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, op: str) -> None:
@@ -178,3 +182,15 @@ def parameter_as_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None:
         return None
     return t.to(torch.float32).contiguous()
+
+
+def primitives(backend: str, op_module: str):
+    """The module with a backend's primitives: ``deco_kernels.triton.<op_module>`` or ``deco_kernels._cuda``.
+
+    Both provide the same function names and signatures (the primitive contract).
+    """
+    if backend == "triton":
+        return importlib.import_module(f"deco_kernels.triton.{op_module}")
+    if backend == "cuda":
+        return importlib.import_module("deco_kernels._cuda")
+    raise ValueError(f"deco_kernels: the custom ops run the 'triton' or 'cuda' backend; got {backend!r}")

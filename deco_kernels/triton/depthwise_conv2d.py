@@ -256,8 +256,14 @@ def _conv_weight_grad_kernel(
 
 
 @triton.jit
-def _sum_rows_kernel(partial_ptr, out_ptr, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """out[n] = sum over rows r of partial[r, n], always in the same order (deterministic)."""
+def _sum_rows_kernel(
+    partial_ptr, weight_out_ptr, bias_out_ptr, n_rows, n_cols, n_weight_cols,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """Column sums of partial (n_rows x n_cols), always in the same order (deterministic).
+
+    Columns below n_weight_cols go to weight_out, the rest to bias_out (two separate tensors).
+    """
     cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = cols < n_cols
     acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
@@ -265,7 +271,10 @@ def _sum_rows_kernel(partial_ptr, out_ptr, n_rows, n_cols, BLOCK_ROWS: tl.conste
         rows = start + tl.arange(0, BLOCK_ROWS)
         mask = (rows < n_rows)[:, None] & col_ok[None, :]
         acc += tl.load(partial_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
+    total = tl.sum(acc, axis=0)
+    is_weight = cols < n_weight_cols
+    tl.store(weight_out_ptr + cols, total, mask=col_ok & is_weight)
+    tl.store(bias_out_ptr + (cols - n_weight_cols), total, mask=col_ok & (cols >= n_weight_cols))
 
 
 def check_parameters(weight: torch.Tensor, bias: torch.Tensor | None, channels: int, op: str) -> tuple[int, int]:
@@ -323,30 +332,34 @@ def launch_weight_grad(
     kh, kw = kernel_size
     n_weight_cols = channels * kh * kw if need_weight else 0
     n_cols = n_weight_cols + (channels if need_bias else 0)
-    if batch == 0 or height == 0 or width == 0:
-        totals = torch.zeros(n_cols, dtype=torch.float32, device=grad_y.device)
-    else:
-        tile = tile_config(grad_y)
-        n_c, n_h, n_w = tile_grid(grad_y.shape, tile)
-        partial = _common.empty_output((n_h * n_w, n_cols), grad_y, dtype=torch.float32)
-        query_h, query_w = x.shape[-2:]
-        m = x if memory is None else memory
-        _conv_weight_grad_kernel[(n_c * n_h * n_w,)](
-            grad_y, x, m, partial,
-            batch, channels, height, width, query_h, query_w,
-            nearest_scale(query_h, height), nearest_scale(query_w, width),
-            *grad_y.stride(), *x.stride(), *m.stride(),
-            n_c, n_w, n_cols, n_weight_cols,
-            KH=kh, KW=kw, WEIGHT=need_weight, BIAS=need_bias, UPSAMPLE=memory is not None,
-            BLOCK_C=tile.block_c, BLOCK_H=tile.block_h, BLOCK_W=tile.block_w, num_warps=tile.num_warps,
-        )
-        totals = _common.empty_output((n_cols,), grad_y, dtype=torch.float32)
-        _sum_rows_kernel[(triton.cdiv(n_cols, _SUM_BLOCK_COLS),)](
-            partial, totals, n_h * n_w, n_cols,
-            BLOCK_ROWS=_SUM_BLOCK_ROWS, BLOCK_COLS=_SUM_BLOCK_COLS, num_warps=_SUM_NUM_WARPS,
-        )
-    grad_weight = totals[:n_weight_cols].view(channels, 1, kh, kw) if need_weight else None
-    grad_bias = totals[n_weight_cols:] if need_bias else None
+    grad_weight = _common.empty_output((channels, 1, kh, kw), grad_y, dtype=torch.float32) if need_weight else None
+    grad_bias = _common.empty_output((channels,), grad_y, dtype=torch.float32) if need_bias else None
+    if n_cols == 0:
+        return grad_weight, grad_bias
+    if batch == 0:
+        for grad in (grad_weight, grad_bias):
+            if grad is not None:
+                grad.zero_()
+        return grad_weight, grad_bias
+    tile = tile_config(grad_y)
+    n_c, n_h, n_w = tile_grid(grad_y.shape, tile)
+    partial = _common.empty_output((n_h * n_w, n_cols), grad_y, dtype=torch.float32)
+    query_h, query_w = x.shape[-2:]
+    m = x if memory is None else memory
+    _conv_weight_grad_kernel[(n_c * n_h * n_w,)](
+        grad_y, x, m, partial,
+        batch, channels, height, width, query_h, query_w,
+        nearest_scale(query_h, height), nearest_scale(query_w, width),
+        *grad_y.stride(), *x.stride(), *m.stride(),
+        n_c, n_w, n_cols, n_weight_cols,
+        KH=kh, KW=kw, WEIGHT=need_weight, BIAS=need_bias, UPSAMPLE=memory is not None,
+        BLOCK_C=tile.block_c, BLOCK_H=tile.block_h, BLOCK_W=tile.block_w, num_warps=tile.num_warps,
+    )
+    _sum_rows_kernel[(triton.cdiv(n_cols, _SUM_BLOCK_COLS),)](
+        partial, partial if grad_weight is None else grad_weight, partial if grad_bias is None else grad_bias,
+        n_h * n_w, n_cols, n_weight_cols,
+        BLOCK_ROWS=_SUM_BLOCK_ROWS, BLOCK_COLS=_SUM_BLOCK_COLS, num_warps=_SUM_NUM_WARPS,
+    )
     return grad_weight, grad_bias
 
 
@@ -437,7 +450,7 @@ def aot_cases() -> list[tuple[str, object, dict, dict, int]]:
     cases.append((f"depthwise_grad_input_{tile.name}_fp32", _conv_forward_kernel,
                   aot_signature(_conv_forward_kernel, pointers, flip), flip, tile.num_warps))
     sums = {"BLOCK_ROWS": _SUM_BLOCK_ROWS, "BLOCK_COLS": _SUM_BLOCK_COLS}
-    cases.append(("sum_rows", _sum_rows_kernel,
-                  aot_signature(_sum_rows_kernel, {"partial_ptr": "*fp32", "out_ptr": "*fp32"}, sums), sums,
+    pointers = {"partial_ptr": "*fp32", "weight_out_ptr": "*fp32", "bias_out_ptr": "*fp32"}
+    cases.append(("sum_rows", _sum_rows_kernel, aot_signature(_sum_rows_kernel, pointers, sums), sums,
                   _SUM_NUM_WARPS))
     return cases
