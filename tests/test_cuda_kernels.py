@@ -1,0 +1,385 @@
+"""The CUDA kernels of csrc/ (``deco_kernels._cuda`` primitives) against the float64 reference.
+
+On CPU tensors the primitives run the CPU builds of the same kernel bodies (csrc/kernel_math.h), which is
+what CI exercises; with a GPU the same tests run on CUDA tensors and are compared with the Triton backend.
+Outputs are poisoned: ``torch.use_deterministic_algorithms(True)`` makes every ``at::empty`` the kernels
+allocate start as NaN (integers as INT64_MAX), so an element a kernel fails to write fails the check.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from deco_kernels import _cuda, reference
+from tests.conftest import HAS_CUDA, requires_cuda
+from tests.kernel_cases import (
+    ADAPTIVE_POOL_CASES,
+    DEPTHWISE_CASES,
+    DTYPES,
+    LAYOUTS,
+    UPSAMPLE_ADD_CONV_CASES,
+    assert_close,
+    make_input,
+)
+
+pytestmark = pytest.mark.skipif(
+    not _cuda.is_available(), reason=f"deco_kernels._C is not built: {_cuda.load_error()}"
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Low-precision dtypes run on a subset of the cases (fp32 covers every case and layout).
+DEPTHWISE_LOW_PRECISION = [DEPTHWISE_CASES[i] for i in (1, 3, 9)]
+UPSAMPLE_LOW_PRECISION = [UPSAMPLE_ADD_CONV_CASES[i] for i in (1, 4, 7)]
+POOL_LOW_PRECISION = [ADAPTIVE_POOL_CASES[i] for i in (0, 1, 4)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.empty(4).isnan().all(), "at::empty is not poisoned: the unwritten-output checks would be blind"
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _cases(cases, low_precision_cases):
+    params = [pytest.param(case, torch.float32, layout, id=f"{case}-float32-{layout}") for case in cases for layout in LAYOUTS]
+    params += [
+        pytest.param(case, dtype, layout, id=f"{case}-{str(dtype)[6:]}-{layout}")
+        for case in low_precision_cases
+        for dtype in LOW_PRECISION
+        for layout in ("contiguous", "channels_last")
+    ]
+    return params
+
+
+def _parameters(channels, kh, kw, device):
+    weight = torch.randn(channels, 1, kh, kw, device=device) / (kh * kw) ** 0.5
+    bias = torch.randn(channels, device=device)
+    return weight, bias
+
+
+def _reference_grads(fn, inputs, grad_out):
+    """Float64 output of fn and the grads of every input."""
+    leaves = [t.detach().to(torch.float64).cpu().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out.detach().to(torch.float64).cpu())
+    return out.detach(), grads
+
+
+def _expected_format(t: torch.Tensor, layout: str) -> torch.memory_format:
+    return torch.channels_last if layout == "channels_last" and t.shape[1] > 1 else torch.contiguous_format
+
+
+# --------------------------------------------------------------------------------------------------------
+# depthwise_conv2d
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, dtype, layout", _cases(DEPTHWISE_CASES, DEPTHWISE_LOW_PRECISION))
+def test_depthwise_conv2d_matches_reference(case, dtype, layout, device):
+    b, c, h, w, kh, kw = case
+    x = make_input((b, c, h, w), dtype, layout, device)
+    weight, bias = _parameters(c, kh, kw, device)
+    grad_y = make_input((b, c, h, w), dtype, layout, device)
+
+    y = _cuda.depthwise_conv2d_forward(x, weight, bias)
+    grad_x, grad_weight, grad_bias = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, True, True])
+
+    y_ref, (gx_ref, gw_ref, gb_ref) = _reference_grads(reference.depthwise_conv2d, (x, weight, bias), grad_y)
+    assert y.dtype == dtype and y.device == x.device
+    assert y.is_contiguous(memory_format=_expected_format(x, layout))
+    assert grad_weight.dtype == torch.float32 and grad_bias.dtype == torch.float32
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(grad_x, gx_ref, dtype, "grad_x")
+    assert_close(grad_weight, gw_ref, dtype, "grad_weight")
+    assert_close(grad_bias, gb_ref, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_depthwise_conv2d_without_bias_and_partial_mask(device):
+    x = make_input((2, 5, 9, 11), torch.float32, "contiguous", device)
+    weight, _ = _parameters(5, 7, 7, device)
+    grad_y = torch.randn_like(x)
+    y_ref, (gx_ref, gw_ref) = _reference_grads(lambda x, w: reference.depthwise_conv2d(x, w), (x, weight), grad_y)
+    assert_close(_cuda.depthwise_conv2d_forward(x, weight, None), y_ref, torch.float32, "y")
+
+    grad_x, grad_weight, grad_bias = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, False, False])
+    assert grad_weight is None and grad_bias is None
+    assert_close(grad_x, gx_ref, torch.float32, "grad_x")
+    grad_x, grad_weight, grad_bias = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [False, True, False])
+    assert grad_x is None and grad_bias is None
+    assert_close(grad_weight, gw_ref, torch.float32, "grad_weight")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_depthwise_conv2d_expanded_grad(layout, device):
+    """grad_y of ``y.sum()`` is an expanded, stride-0 tensor; the kernels must not read it as contiguous."""
+    x = make_input((2, 3, 6, 7), torch.float32, layout, device)
+    weight, bias = _parameters(3, 3, 5, device)
+    grad_y = torch.ones((), device=device).expand_as(x)
+    _, (gx_ref, gw_ref, gb_ref) = _reference_grads(reference.depthwise_conv2d, (x, weight, bias), grad_y)
+    grad_x, grad_weight, grad_bias = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, True, True])
+    assert_close(grad_x, gx_ref, torch.float32, "grad_x")
+    assert_close(grad_weight, gw_ref, torch.float32, "grad_weight")
+    assert_close(grad_bias, gb_ref, torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_depthwise_conv2d_empty_batch(device):
+    x = torch.randn(0, 4, 5, 6, device=device)
+    weight, bias = _parameters(4, 3, 3, device)
+    y = _cuda.depthwise_conv2d_forward(x, weight, bias)
+    assert y.shape == x.shape
+    grad_x, grad_weight, grad_bias = _cuda.depthwise_conv2d_backward(torch.randn_like(x), x, weight, [True] * 3)
+    assert grad_x.shape == x.shape
+    assert torch.equal(grad_weight, torch.zeros_like(weight)) and torch.equal(grad_bias, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_grads_are_deterministic(device):
+    x = make_input((3, 4, 37, 70), torch.float32, "contiguous", device)  # several gradient tiles per image
+    weight, bias = _parameters(4, 9, 9, device)
+    grad_y = torch.randn_like(x)
+    first = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, True, True])
+    second = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, True, True])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    query = torch.randn(3, 4, 10, 10, device=device)
+    first = _cuda.upsample_add_conv_backward(grad_y, query, x, weight, [True] * 4)
+    second = _cuda.upsample_add_conv_backward(grad_y, query, x, weight, [True] * 4)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------
+# upsample_add_conv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, dtype, layout", _cases(UPSAMPLE_ADD_CONV_CASES, UPSAMPLE_LOW_PRECISION))
+def test_upsample_add_conv_matches_reference(case, dtype, layout, device):
+    b, c, hq, wq, h, w, kh, kw = case
+    query = make_input((b, c, hq, wq), dtype, layout, device)
+    memory = make_input((b, c, h, w), dtype, layout, device)
+    weight, bias = _parameters(c, kh, kw, device)
+    grad_y = make_input((b, c, h, w), dtype, layout, device)
+
+    y = _cuda.upsample_add_conv_forward(query, memory, weight, bias)
+    grads = _cuda.upsample_add_conv_backward(grad_y, query, memory, weight, [True] * 4)
+
+    y_ref, grads_ref = _reference_grads(reference.upsample_add_conv, (query, memory, weight, bias), grad_y)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=_expected_format(memory, layout))
+    assert_close(y, y_ref, dtype, "y")
+    for name, grad, grad_ref in zip(("grad_query", "grad_memory", "grad_weight", "grad_bias"), grads, grads_ref):
+        assert_close(grad, grad_ref, dtype, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", [[True, False, False, False], [False, True, False, False], [False, False, True, True]])
+def test_upsample_add_conv_partial_mask_and_expanded_grad(mask, device):
+    query = torch.randn(2, 3, 4, 4, device=device)
+    memory = torch.randn(2, 3, 9, 10, device=device)
+    weight, bias = _parameters(3, 5, 5, device)
+    grad_y = torch.ones((), device=device).expand_as(memory)
+    _, grads_ref = _reference_grads(reference.upsample_add_conv, (query, memory, weight, bias), grad_y)
+    grads = _cuda.upsample_add_conv_backward(grad_y, query, memory, weight, mask)
+    for wanted, grad, grad_ref in zip(mask, grads, grads_ref):
+        if wanted:
+            assert_close(grad, grad_ref, torch.float32, "grad")
+        else:
+            assert grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_upsample_add_conv_empty_batch(device):
+    query, memory = torch.randn(0, 3, 2, 2, device=device), torch.randn(0, 3, 5, 5, device=device)
+    weight, bias = _parameters(3, 3, 3, device)
+    assert _cuda.upsample_add_conv_forward(query, memory, weight, bias).shape == memory.shape
+    grads = _cuda.upsample_add_conv_backward(torch.randn_like(memory), query, memory, weight, [True] * 4)
+    assert grads[0].shape == query.shape and grads[1].shape == memory.shape
+    assert torch.equal(grads[2], torch.zeros_like(weight)) and torch.equal(grads[3], torch.zeros_like(bias))
+
+
+# --------------------------------------------------------------------------------------------------------
+# adaptive pools
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, dtype, layout", _cases(ADAPTIVE_POOL_CASES, POOL_LOW_PRECISION))
+def test_adaptive_max_pool2d_matches_torch(case, dtype, layout, device):
+    b, c, h, w, oh, ow = case
+    x = make_input((b, c, h, w), dtype, layout, device)
+    grad_y = make_input((b, c, oh, ow), dtype, layout, device)
+    y, indices = _cuda.adaptive_max_pool2d_forward(x, (oh, ow))
+    y_ref, indices_ref = reference.adaptive_max_pool2d(x.detach().double().cpu(), (oh, ow), return_indices=True)
+    assert y.is_contiguous(memory_format=_expected_format(x, layout)) and indices.dtype == torch.int64
+    assert torch.equal(indices.cpu(), indices_ref)
+    assert_close(y, y_ref, dtype, "y")
+    grad_x = _cuda.adaptive_max_pool2d_backward(grad_y, indices, (h, w))
+    _, (gx_ref,) = _reference_grads(lambda t: reference.adaptive_max_pool2d(t, (oh, ow)), (x,), grad_y)
+    assert grad_x.dtype == dtype and grad_x.is_contiguous(memory_format=_expected_format(grad_y, layout))
+    assert_close(grad_x, gx_ref, dtype, "grad_x")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, dtype, layout", _cases(ADAPTIVE_POOL_CASES, POOL_LOW_PRECISION))
+def test_adaptive_avg_pool2d_matches_reference(case, dtype, layout, device):
+    b, c, h, w, oh, ow = case
+    x = make_input((b, c, h, w), dtype, layout, device)
+    grad_y = make_input((b, c, oh, ow), dtype, layout, device)
+    y = _cuda.adaptive_avg_pool2d_forward(x, (oh, ow))
+    grad_x = _cuda.adaptive_avg_pool2d_backward(grad_y, (h, w))
+    y_ref, (gx_ref,) = _reference_grads(lambda t: reference.adaptive_avg_pool2d(t, (oh, ow)), (x,), grad_y)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(grad_x, gx_ref, dtype, "grad_x")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adaptive_max_pool2d_ties_and_nan_like_torch(device):
+    """Ties go to the first maximum in row-major window order; NaN wins, and the last NaN of a window wins."""
+    x = torch.zeros(1, 2, 7, 9, device=device)
+    x[0, 1, 1, 2] = float("nan")
+    x[0, 1, 2, 0] = float("nan")
+    x[0, 1, 5, 5] = float("-inf")
+    y, indices = _cuda.adaptive_max_pool2d_forward(x, (3, 4))
+    y_ref, indices_ref = torch.nn.functional.adaptive_max_pool2d(x.cpu(), (3, 4), return_indices=True)
+    assert torch.equal(indices.cpu(), indices_ref)
+    assert torch.equal(y.cpu().isnan(), y_ref.isnan()) and y_ref.isnan().any()
+    assert torch.equal(y.cpu().nan_to_num(), y_ref.nan_to_num())
+    all_inf = torch.full((1, 1, 4, 4), float("-inf"), device=device)
+    _, indices = _cuda.adaptive_max_pool2d_forward(all_inf, (2, 2))
+    assert indices.flatten().tolist() == [0, 2, 8, 10]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_backward_expanded_grad_and_empty_batch(device):
+    x = torch.randn(2, 3, 25, 42, device=device)
+    y, indices = _cuda.adaptive_max_pool2d_forward(x, (10, 10))
+    grad_y = torch.ones((), device=device).expand_as(y)
+    _, (gx_ref,) = _reference_grads(lambda t: reference.adaptive_max_pool2d(t, (10, 10)), (x,), grad_y)
+    assert_close(_cuda.adaptive_max_pool2d_backward(grad_y, indices, (25, 42)), gx_ref, torch.float32, "max grad_x")
+    _, (gx_ref,) = _reference_grads(lambda t: reference.adaptive_avg_pool2d(t, (10, 10)), (x,), grad_y)
+    assert_close(_cuda.adaptive_avg_pool2d_backward(grad_y, (25, 42)), gx_ref, torch.float32, "avg grad_x")
+
+    empty = torch.randn(0, 3, 5, 5, device=device)
+    y, indices = _cuda.adaptive_max_pool2d_forward(empty, (2, 2))
+    assert y.shape == (0, 3, 2, 2) and indices.shape == (0, 3, 2, 2)
+    assert _cuda.adaptive_max_pool2d_backward(y, indices, (5, 5)).shape == empty.shape
+    assert _cuda.adaptive_avg_pool2d_forward(empty, (2, 2)).shape == (0, 3, 2, 2)
+    assert _cuda.adaptive_avg_pool2d_backward(y, (5, 5)).shape == empty.shape
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input: TORCH_CHECK messages name the argument and what was expected.
+
+BAD_CONV_INPUTS = [
+    ("float64", lambda x, w, b: (x.double(), w, b), "x must be float32, float16 or bfloat16"),
+    ("3-D", lambda x, w, b: (x[0], w, b), r"x must be 4-D"),
+    ("even kernel", lambda x, w, b: (x, torch.randn(4, 1, 4, 3), b), "kernel size must be odd"),
+    ("kernel over 31", lambda x, w, b: (x, torch.randn(4, 1, 33, 3), b), "kernel size must be odd and at most 31"),
+    ("channel mismatch", lambda x, w, b: (x, torch.randn(3, 1, 3, 3), b), "weight has 3 channels but x has 4"),
+    ("weight shape", lambda x, w, b: (x, torch.randn(4, 2, 3, 3), b), r"weight must be C x 1 x kh x kw"),
+    ("fp16 weight", lambda x, w, b: (x, w.half(), b), "weight must be float32"),
+    ("bias shape", lambda x, w, b: (x, w, torch.randn(5)), r"bias must have shape \(4,\)"),
+    ("fp16 bias", lambda x, w, b: (x, w, b.half()), "bias must be float32"),
+]
+
+
+@pytest.mark.parametrize("name, corrupt, message", BAD_CONV_INPUTS, ids=[c[0] for c in BAD_CONV_INPUTS])
+def test_depthwise_conv2d_rejects_bad_input(name, corrupt, message):
+    x, weight, bias = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3), torch.randn(4)
+    with pytest.raises(RuntimeError, match=message):
+        _cuda.depthwise_conv2d_forward(*corrupt(x, weight, bias))
+
+
+def test_backward_and_upsample_reject_bad_input():
+    x, weight = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3)
+    with pytest.raises(RuntimeError, match=r"grad_y must have shape \[2, 4, 5, 5\]"):
+        _cuda.depthwise_conv2d_backward(torch.randn(2, 4, 5, 6), x, weight, [True] * 3)
+    with pytest.raises(RuntimeError, match="grad_y must have the dtype of x"):
+        _cuda.depthwise_conv2d_backward(x.half(), x, weight, [True] * 3)
+    with pytest.raises(RuntimeError, match="query must have memory's batch and channels"):
+        _cuda.upsample_add_conv_forward(torch.randn(2, 3, 2, 2), x, weight, None)
+    with pytest.raises(RuntimeError, match="query must have the dtype of memory"):
+        _cuda.upsample_add_conv_forward(torch.randn(2, 4, 2, 2).half(), x, weight, None)
+    with pytest.raises(RuntimeError, match="weight has 4 channels but memory has 3"):
+        _cuda.upsample_add_conv_forward(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 5, 5), weight, None)
+    with pytest.raises(RuntimeError, match="output_size must be positive"):
+        _cuda.adaptive_max_pool2d_forward(x, (0, 3))
+    with pytest.raises(RuntimeError, match="indices must be an int64 tensor"):
+        _cuda.adaptive_max_pool2d_backward(torch.randn(2, 4, 2, 2), torch.zeros(2, 4, 2, 2, dtype=torch.int32), (5, 5))
+    with pytest.raises(RuntimeError, match=r"indices must have shape \[2, 4, 2, 2\]"):
+        _cuda.adaptive_max_pool2d_backward(torch.randn(2, 4, 2, 2), torch.zeros(2, 4, 2, 3, dtype=torch.long), (5, 5))
+    with pytest.raises(RuntimeError, match="input_size must be"):
+        _cuda.adaptive_avg_pool2d_backward(torch.randn(2, 4, 2, 2), (0, 5))
+
+
+@requires_cuda
+def test_rejects_mixed_devices():
+    x, weight = torch.randn(1, 4, 5, 5, device="cuda"), torch.randn(4, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="weight must be on the same device as x"):
+        _cuda.depthwise_conv2d_forward(x, weight, None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# On a GPU: the CUDA kernels against the Triton backend, on DECO-sized inputs.
+
+
+def _triton_primitives(module: str):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device (none present)")
+    try:
+        return importlib.import_module(f"deco_kernels.triton.{module}")
+    except ImportError as error:
+        pytest.skip(f"Triton backend unavailable: {error}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_matches_triton(dtype, layout):
+    dw = _triton_primitives("depthwise_conv2d")
+    uac = _triton_primitives("upsample_add_conv")
+    pool = _triton_primitives("adaptive_pool")
+    memory = make_input((2, 48, 25, 42), dtype, layout, "cuda")
+    query = make_input((2, 48, 10, 10), dtype, layout, "cuda")
+    grad_y = make_input((2, 48, 25, 42), dtype, layout, "cuda")
+    weight, bias = _parameters(48, 9, 9, "cuda")
+
+    def compare(ours, theirs, what):
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            scale = b.double().abs().max().clamp_min(1.0)
+            error = (a.double() - b.double()).abs().max()
+            assert error <= 2 * {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype] * scale, (
+                f"{what}[{index}]: cuda and triton differ by {error:.3g}"
+            )
+
+    compare([_cuda.depthwise_conv2d_forward(memory, weight, bias)], [dw.depthwise_conv2d_forward(memory, weight, bias)], "dw forward")
+    compare(
+        _cuda.depthwise_conv2d_backward(grad_y, memory, weight, [True] * 3),
+        dw.depthwise_conv2d_backward(grad_y, memory, weight, [True] * 3),
+        "dw backward",
+    )
+    compare(
+        [_cuda.upsample_add_conv_forward(query, memory, weight, bias)],
+        [uac.upsample_add_conv_forward(query, memory, weight, bias)],
+        "uac forward",
+    )
+    compare(
+        _cuda.upsample_add_conv_backward(grad_y, query, memory, weight, [True] * 4),
+        uac.upsample_add_conv_backward(grad_y, query, memory, weight, [True] * 4),
+        "uac backward",
+    )
+    y, indices = _cuda.adaptive_max_pool2d_forward(memory, (10, 10))
+    y_triton, indices_triton = pool.adaptive_max_pool2d_forward(memory, (10, 10))
+    assert torch.equal(indices, indices_triton)
+    compare([y], [y_triton], "max forward")
+    compare([_cuda.adaptive_max_pool2d_backward(query, indices, (25, 42))], [pool.adaptive_max_pool2d_backward(query, indices, (25, 42))], "max backward")
+    compare([_cuda.adaptive_avg_pool2d_forward(memory, (10, 10))], [pool.adaptive_avg_pool2d_forward(memory, (10, 10))], "avg forward")
+    compare([_cuda.adaptive_avg_pool2d_backward(query, (25, 42))], [pool.adaptive_avg_pool2d_backward(query, (25, 42))], "avg backward")
