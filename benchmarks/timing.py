@@ -57,7 +57,7 @@ def measure(
     rep_ms: float = 50.0,
     warmup_runs: int = 3,
     min_runs: int = 10,
-    max_runs: int = 500,
+    max_runs: int = 200,
     flush_l2: bool = True,
 ) -> Stats:
     """Median and spread of ``run(setup())`` over repeated runs; see the module docstring."""
