@@ -1,6 +1,7 @@
 """Commands that run a checkpoint: ``deco predict`` (drawing, detections JSON) and ``deco eval``, plus
 checkpoint loading errors. The checkpoint is a tiny ``build_deco`` model with random weights."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from deco.cli import main as deco_main
+from deco.commands.eval import load_model
 from deco.commands.predict import PALETTE, _output_names, draw_detections
 from deco.data.synthetic import CATEGORIES, write_synthetic_dataset
 from deco.evaluation import METRIC_NAMES, load_model_checkpoint
@@ -123,7 +125,7 @@ def test_eval_command_writes_the_metrics(tmp_path, checkpoint_path):
     write_synthetic_dataset(tmp_path / "data", 6, seed=3, image_size=(64, 64), progress=False)
     out = tmp_path / "metrics.json"
     args = ["eval", "--data", str(tmp_path / "data"), "--checkpoint", str(checkpoint_path), "--out", str(out)]
-    assert deco_main([*args, "--device", "cpu", "--num-workers", "0", "--batch-size", "2"]) == 0
+    assert deco_main([*args, "--device", "cpu", "--num-workers", "0", "--batch-size", "2", "--kernels", "stock"]) == 0
     metrics = json.loads(out.read_text())
     assert list(metrics) == list(METRIC_NAMES)
     assert all(-1.0 <= value <= 1.0 for value in metrics.values())
@@ -141,3 +143,12 @@ def test_checkpoint_errors(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth holds a list"):
         load_model_checkpoint(tmp_path / "list.pth")
+
+
+def test_kernels_override_rebuilds_with_the_same_weights(checkpoint_path):
+    checkpoint = load_model_checkpoint(checkpoint_path)
+    checkpoint["model_config"] = {**checkpoint["model_config"], "kernels": "fused"}
+    model = load_model(argparse.Namespace(kernels="stock"), checkpoint, torch.device("cpu"))
+    assert model.config["kernels"] == "stock" and not model.training
+    assert all(torch.equal(value, checkpoint["model"][key]) for key, value in model.state_dict().items())
+    assert load_model(argparse.Namespace(kernels=None), checkpoint, torch.device("cpu")).config["kernels"] == "fused"

@@ -31,13 +31,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch and process (default 2)")
     parser.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (default 2)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda (default auto)")
-    add_eval_size_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--out", metavar="metrics.json", help="write the metrics here as JSON")
     parser.set_defaults(func=run)
 
 
-def add_eval_size_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--eval-size`` / ``--max-size``, shared with ``deco predict``."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--eval-size``, ``--max-size`` and ``--kernels``, shared with ``deco predict``."""
+    parser.add_argument(
+        "--kernels",
+        choices=("stock", "fused"),
+        help="layer implementation: plain PyTorch or deco_kernels (default: the checkpoint's; the weights are "
+        "the same either way)",
+    )
     parser.add_argument(
         "--eval-size",
         type=int,
@@ -73,6 +79,11 @@ def exit_code_on_input_error(command: Callable[[argparse.Namespace], int]) -> Ca
     return run
 
 
+def load_model(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.nn.Module:
+    overrides = {"kernels": args.kernels} if args.kernels else {}
+    return build_model_from_checkpoint(checkpoint, device, **overrides)
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = load_model_checkpoint(args.checkpoint)
         dataset = build_dataset(args.data, args.split, train=False, transforms=eval_transforms(args, checkpoint))
         _check_categories(checkpoint["categories"], dataset.categories)
-        model = build_model_from_checkpoint(checkpoint, device)
+        model = load_model(args, checkpoint, device)
         sampler = DistributedSampler(dataset, shuffle=False) if is_distributed() else SequentialSampler(dataset)
         loader = DataLoader(
             dataset,

@@ -10,11 +10,17 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from deco.commands.eval import add_eval_size_arguments, eval_transforms, exit_code_on_input_error, resolve_device
+from deco.commands.eval import (
+    add_model_arguments,
+    eval_transforms,
+    exit_code_on_input_error,
+    load_model,
+    resolve_device,
+)
 from deco.data import collate_fn
 from deco.data.coco import load_image
 from deco.data.files import write_json_atomically
-from deco.evaluation import MAX_DETECTIONS, build_model_from_checkpoint, load_model_checkpoint
+from deco.evaluation import MAX_DETECTIONS, load_model_checkpoint
 from deco.models import postprocess
 
 logger = logging.getLogger(__name__)
@@ -38,7 +44,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum score of a detection (default 0.5)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda (default auto)")
-    add_eval_size_arguments(parser)
+    add_model_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(resolve_device(args.device))
     checkpoint = load_model_checkpoint(args.checkpoint)
     transforms = eval_transforms(args, checkpoint)
-    model = build_model_from_checkpoint(checkpoint, device)
+    model = load_model(args, checkpoint, device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in args.images]
