@@ -257,6 +257,10 @@ def test_bad_input_is_rejected_with_a_clear_error(target):
                 function(x, output_size, backend=backend)
         with pytest.raises(ValueError, match="backend must be one of"):
             function(x, 2, backend="cudnn")
+    if backend == "triton":
+        wide = torch.zeros(1, 1, 1, 40_000, device=device)
+        with pytest.raises(ValueError, match="too large for 32-bit window indices"):
+            adaptive_max_pool2d(wide, (1, 60_000), backend=backend)
 
 
 def test_torch_backend_is_the_reference():

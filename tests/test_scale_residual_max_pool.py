@@ -6,6 +6,8 @@ kernels run in Triton's interpreter on CPU tensors; the GPU variants are skipped
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,8 +238,8 @@ def test_torch_compile_fullgraph(device):
 
 def test_cuda_selection_runs_the_triton_kernels(device, monkeypatch, caplog):
     """There is no CUDA kernel for this fusion: a process set to "cuda" gets Triton's (and is told so)."""
-    import deco_kernels.ops.scale_residual_max_pool as fused_ops
-
+    # The package re-exports a function of the module's name, so fetch the module itself.
+    fused_ops = importlib.import_module("deco_kernels.ops.scale_residual_max_pool")
     monkeypatch.setattr(fused_ops, "resolve_backend", lambda device, backend, op: "cuda")
     monkeypatch.setattr(fused_ops, "_substitution_logged", set())
     launched = []

@@ -234,9 +234,16 @@ def _grid(total: int, block: int) -> tuple[int]:
     return (triton.cdiv(total, block),)
 
 
-def _check_numel(t: torch.Tensor, name: str) -> None:
-    if t.numel() >= _INDEX_LIMIT:
-        raise ValueError(f"{name} has {t.numel()} elements; the Triton pooling kernels take fewer than 2**31")
+def _check_index_range(
+    tensors: dict[str, torch.Tensor], input_size: tuple[int, int], output_size: tuple[int, int]
+) -> None:
+    """Element numbers and the window products ``H*OH``, ``W*OW`` must fit the kernels' 32-bit index math."""
+    for name, t in tensors.items():
+        if t.numel() >= _INDEX_LIMIT:
+            raise ValueError(f"{name} has {t.numel()} elements; the Triton pooling kernels take fewer than 2**31")
+    for size, out, dim in zip(input_size, output_size, "HW"):
+        if (size + 1) * out >= _INDEX_LIMIT:
+            raise ValueError(f"input {dim}={size} with output {dim}={out} is too large for 32-bit window indices")
 
 
 def adaptive_max_pool2d_forward(
@@ -254,8 +261,7 @@ def adaptive_max_pool2d_forward(
     total = y.numel()
     if total == 0:
         return y, indices
-    _check_numel(x, "x")
-    _check_numel(y, "the output")
+    _check_index_range({"x": x, "the output": y}, (height, width), (out_h, out_w))
     block, num_warps = _config(total)
     _adaptive_max_pool2d_forward_kernel[_grid(total, block)](
         x, y, indices,
@@ -281,7 +287,7 @@ def adaptive_max_pool2d_backward(
     total = grad_x.numel()
     if total == 0:
         return grad_x
-    _check_numel(grad_x, "grad_x")
+    _check_index_range({"grad_x": grad_x}, (height, width), (out_h, out_w))
     block, num_warps = _config(total)
     _adaptive_max_pool2d_backward_kernel[_grid(total, block)](
         grad_y, indices, grad_x,
@@ -305,8 +311,7 @@ def adaptive_avg_pool2d_forward(x: torch.Tensor, output_size: tuple[int, int]) -
     total = y.numel()
     if total == 0:
         return y
-    _check_numel(x, "x")
-    _check_numel(y, "the output")
+    _check_index_range({"x": x, "the output": y}, (height, width), (out_h, out_w))
     block, num_warps = _config(total)
     _adaptive_avg_pool2d_forward_kernel[_grid(total, block)](
         x, y,
@@ -330,7 +335,7 @@ def adaptive_avg_pool2d_backward(grad_y: torch.Tensor, input_size: tuple[int, in
     total = grad_x.numel()
     if total == 0:
         return grad_x
-    _check_numel(grad_x, "grad_x")
+    _check_index_range({"grad_x": grad_x}, (height, width), (out_h, out_w))
     block, num_warps = _config(total)
     _adaptive_avg_pool2d_backward_kernel[_grid(total, block)](
         grad_y, grad_x,

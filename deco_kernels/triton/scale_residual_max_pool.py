@@ -22,7 +22,14 @@ import triton
 import triton.language as tl
 
 from deco_kernels.ops._common import empty_output
-from deco_kernels.triton.adaptive_pool import CONFIGS, _check_numel, _config, _grid, _max_span, _unflatten
+from deco_kernels.triton.adaptive_pool import (
+    CONFIGS,
+    _check_index_range,
+    _config,
+    _grid,
+    _max_span,
+    _unflatten,
+)
 
 __all__ = ["aot_cases", "scale_residual_max_pool_backward", "scale_residual_max_pool_forward"]
 
@@ -164,8 +171,7 @@ def scale_residual_max_pool_forward(
     total = y.numel()
     if total == 0:
         return y, indices, picked_ffn
-    _check_numel(z, "z")
-    _check_numel(y, "the output")
+    _check_index_range({"z": z, "the output": y}, (height, width), (out_h, out_w))
     block, num_warps = _config(total)
     _scale_residual_max_pool_forward_kernel[_grid(total, block)](
         z, ffn, gamma, y, indices, picked_ffn,
@@ -197,7 +203,7 @@ def scale_residual_max_pool_backward(
     grad_ffn = empty_output(shape, grad_y, memory_format=torch.contiguous_format)
     if grad_z.numel() == 0:
         return grad_z, grad_ffn, torch.zeros(channels, dtype=torch.float32, device=grad_y.device)
-    _check_numel(grad_z, "grad_z")
+    _check_index_range({"grad_z": grad_z}, (height, width), (out_h, out_w))
     block, num_warps = _config(grad_z.numel())
     _scale_residual_max_pool_backward_kernel[_grid(grad_z.numel(), block)](
         grad_y, indices, gamma, grad_z, grad_ffn,
