@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Each module defines ``add_parser(subparsers)`` (which sets ``func`` on its parser) and the code it runs.
-COMMANDS = ()
+COMMANDS = ("train", "demo", "convert", "synth", "eval", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
