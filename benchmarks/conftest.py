@@ -25,6 +25,10 @@ from benchmarks.providers import BASELINES, DEFAULT_PROVIDERS, PROVIDERS, unavai
 from benchmarks.results import ResultsFile, environment  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Bound of a record's forward_error (relative to max(1, max |reference|)): one rounding of the output to the
+# storage dtype plus float32 accumulation over up to 31 x 31 taps. A sanity gate for the timings only; the
+# kernels' correctness tests (tests/) are far stricter.
+FORWARD_ERROR_BOUND = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _SMOKE_PROVIDERS = ("deco-torch", "deco-triton", "deco-cuda", "eager-nchw", "eager-cl", "compile")
 
 
@@ -142,6 +146,10 @@ def bench_run(bench_env, bench_results, benchmark):
         record = run_record(case, provider, dtype, pass_, bench_env)
         if bench_results is not None:
             bench_results.add(record)
+        # Only deco's kernels are held to it: a stock baseline may legitimately use TF32 (cuDNN's default).
+        assert not provider.startswith("deco-") or record["forward_error"] <= FORWARD_ERROR_BOUND[dtype], (
+            f"{provider} computes a wrong forward for {case.id} {dtype_name}: error {record['forward_error']:.3g}"
+        )
         benchmark.extra_info.update(record)
         benchmark.pedantic(_synchronized(host_call(case, provider, dtype, pass_, bench_env)), rounds=3, iterations=1)
         return record

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deco_kernels import reference
+
 from benchmarks import roofline
 from benchmarks.cases import Case
 from benchmarks.providers import make_inputs, provider_function
@@ -51,7 +53,9 @@ def _timed_calls(fn, inputs, grad_output, pass_):
 
 
 def prepare(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv):
-    """``(run, setup)`` of one combination for :func:`benchmarks.timing.measure` (setup may be None)."""
+    """``(run, setup, forward_error)`` of one combination: ``run`` and ``setup`` (may be None) for
+    :func:`benchmarks.timing.measure`; ``forward_error`` is the provider's forward output checked against the
+    float64 stock composition on the same inputs: max |out - ref| / max(1, max |ref|)."""
     if pass_ not in roofline.PASSES:
         raise ValueError(f"pass_ must be one of {roofline.PASSES}; got {pass_!r}")
     inputs = make_inputs(case, dtype, provider, env.device)
@@ -61,18 +65,28 @@ def prepare(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: Benc
     generator = torch.Generator().manual_seed(1)
     grad_output = torch.randn(output.shape, generator=generator).to(env.device, dtype)
     grad_output = grad_output.contiguous(memory_format=_memory_format(output))
-    return _timed_calls(fn, inputs, grad_output, pass_)
+    run, setup = _timed_calls(fn, inputs, grad_output, pass_)
+    return run, setup, _forward_error(case, inputs, output)
+
+
+def _forward_error(case: Case, inputs, output: torch.Tensor) -> float:
+    # A fast but wrong kernel must not make a benchmark row: every measured output is checked once.
+    upcast = [None if t is None else t.detach().to(torch.float64) for t in inputs.tensors]
+    with torch.no_grad():
+        expected = getattr(reference, case.op)(*upcast, *inputs.extra)
+    scale = max(1.0, expected.abs().max().item())
+    return (output.to(torch.float64) - expected).abs().max().item() / scale
 
 
 def host_call(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv):
     """One call of the combination, setup included, as a zero-argument callable (for pytest-benchmark)."""
-    run, setup = prepare(case, provider, dtype, pass_, env)
+    run, setup, _ = prepare(case, provider, dtype, pass_, env)
     return lambda: run(setup() if setup else None)
 
 
 def run_record(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv) -> dict:
     """Measure one combination and return its record (see :mod:`benchmarks.results` for the fields)."""
-    run, setup = prepare(case, provider, dtype, pass_, env)
+    run, setup, forward_error = prepare(case, provider, dtype, pass_, env)
     stats = measure(run, setup, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2)
 
     model = roofline.cost(case.op, case.dims, dtype, pass_)
@@ -89,6 +103,7 @@ def run_record(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: B
         "p20_ms": stats.p20_ms,
         "p80_ms": stats.p80_ms,
         "runs": stats.runs,
+        "forward_error": forward_error,
         "model_bytes": model.bytes,
         "model_flops": model.flops,
         "gb_per_s": model.bytes / seconds / 1e9,

@@ -46,6 +46,7 @@ def test_microbenchmark_suite_runs_on_cpu(tmp_path):
         assert record["model_bytes"] == expected.bytes and record["model_flops"] == expected.flops
         assert set(record["speedup"]) <= {"eager-nchw", "eager-cl", "compile", "compile-max-autotune"}
         assert record["provider"] not in record["speedup"]
+        assert record["forward_error"] < 1e-5
 
 
 @pytest.fixture
@@ -130,7 +131,7 @@ def _micro(provider, median, op="depthwise_conv2d", group="deco", shape=None, pa
     return {
         "op": op, "group": group, "provider": provider, "shape": shape, "dtype": "float32", "pass": pass_,
         "median_ms": median, "p20_ms": median, "p80_ms": median, "runs": 10, "gb_per_s": 1.0, "gflop_per_s": 1.0,
-        "roofline_pct": roofline_pct, "speedup": {},
+        "roofline_pct": roofline_pct, "forward_error": 0.0, "speedup": {},
     }
 
 
