@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from deco.data import build_dataset, collate_fn, make_transforms
 from deco.data.files import write_json_atomically
 from deco.distributed import cleanup, init_distributed, is_distributed, is_main_process
+from deco.engine import resolve_device
 from deco.evaluation import CocoEvaluator, build_model_from_checkpoint, evaluate, format_metrics, load_model_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -82,12 +83,6 @@ def exit_code_on_input_error(command: Callable[[argparse.Namespace], int]) -> Ca
 def load_model(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.nn.Module:
     overrides = {"kernels": args.kernels} if args.kernels else {}
     return build_model_from_checkpoint(checkpoint, device, **overrides)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _check_categories(model_categories: list[dict], dataset_categories: list[dict]) -> None:

@@ -10,16 +10,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from deco.commands.eval import (
-    add_model_arguments,
-    eval_transforms,
-    exit_code_on_input_error,
-    load_model,
-    resolve_device,
-)
+from deco.commands.eval import add_model_arguments, eval_transforms, exit_code_on_input_error, load_model
 from deco.data import collate_fn
 from deco.data.coco import load_image
 from deco.data.files import write_json_atomically
+from deco.engine import resolve_device
 from deco.evaluation import MAX_DETECTIONS, load_model_checkpoint
 from deco.models import postprocess
 
