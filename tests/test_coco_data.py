@@ -130,9 +130,16 @@ def test_annotation_of_unknown_image(tmp_path):
         build_dataset(tmp_path, "val", train=False)
 
 
-def test_undecodable_image_fails_when_loaded(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_undecodable_image_fails_when_loaded(tmp_path, damage):
     _write_dataset(tmp_path)
-    (tmp_path / "images" / "b.png").write_bytes(b"this is not a png")
+    path = tmp_path / "images" / "b.png"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a png")
+    else:
+        noisy = Image.frombytes("RGB", (50, 40), bytes(range(256)) * 23 + bytes(112))
+        noisy.save(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     dataset = build_dataset(tmp_path, "val", train=False, transforms=Normalize())
     dataset[0]  # a.png is fine
     with pytest.raises(ValueError, match=r"image file .*b\.png cannot be decoded"):
