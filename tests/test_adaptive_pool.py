@@ -305,3 +305,12 @@ def test_torch_compile_fullgraph(target):
     eager_max, eager_avg = F.adaptive_max_pool2d(x_eager, (3, 4)), F.adaptive_avg_pool2d(x_eager, 2)
     (eager_max.square().sum() + eager_avg.square().sum()).backward()
     assert_close(x_compiled.grad, x_eager.grad.double(), torch.float32, "compiled grad")
+
+
+def test_large_map_uses_the_large_block_config(target):
+    """grad_x of 16 x 64 x 64 has 2**16 elements: the backward launches with the large (BLOCK=1024) config."""
+    device, backend = target
+    assert triton_pool._config(16 * 64 * 64) == triton_pool.CONFIGS[1]
+    x = make_input((1, 16, 64, 64), torch.float32, "channels_last", device=device)
+    _check_max(x, (10, 10), backend, torch.float32)
+    _check_avg(x, (10, 10), backend, torch.float32)
