@@ -10,7 +10,8 @@ One command runs everything (``python -m benchmarks.e2e --out results.json``):
 
 Providers: ``stock-eager`` / ``fused-eager`` (``build_deco(kernels="stock"|"fused")``), ``stock-compile`` /
 ``fused-compile`` (``torch.compile`` of the model; the loss and matcher stay eager, as the matcher runs SciPy),
-``eager`` for DETR-R50. dtypes: ``float32``, or ``bfloat16`` = the model under ``torch.autocast(bfloat16)``.
+``stock-cudagraph`` / ``fused-cudagraph`` (inference only, GPU only: the forward captured once in a CUDA graph
+and replayed), and ``eager`` / ``compile`` / ``cudagraph`` for DETR-R50. dtypes: ``float32``, or ``bfloat16`` = the model under ``torch.autocast(bfloat16)``.
 Each record holds the median step time (CUDA events, after warm-up), its spread, images/s and the peak of
 ``torch.cuda.max_memory_allocated`` over the timed steps; ``speedup`` is against the stock providers of
 the same model, batch, dtype and pass.
@@ -36,9 +37,9 @@ log = logging.getLogger("benchmarks.e2e")
 
 MODELS = ("deco-r18", "deco-r50", "detr-r50")
 MODEL_NAMES = {"deco-r18": "DECO-R18", "deco-r50": "DECO-R50", "detr-r50": "DETR-R50"}
-DECO_PROVIDERS = ("stock-eager", "fused-eager", "stock-compile", "fused-compile")
-DETR_PROVIDERS = ("eager", "compile")
-STOCK_PROVIDERS = ("stock-eager", "stock-compile")
+DECO_PROVIDERS = ("stock-eager", "fused-eager", "stock-compile", "fused-compile", "stock-cudagraph", "fused-cudagraph")
+DETR_PROVIDERS = ("eager", "compile", "cudagraph")
+STOCK_PROVIDERS = ("stock-eager", "stock-compile", "stock-cudagraph")
 NUM_CLASSES = 91
 # A tiny DECO (smoke runs on the CPU): the same code path, a fraction of the work.
 _TINY_DECO = dict(
@@ -91,10 +92,25 @@ def synthetic_batch(
     return images.to(device), mask.to(device), targets
 
 
-def _autocast(dtype: str, device: torch.device):
+def _autocast(dtype: str, device: torch.device, cache_enabled: bool = True):
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+
+
+def _graphed_inference(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, dtype: str, device):
+    """Capture the forward in a CUDA graph once; each replay reruns its kernels without Python or launch
+    overhead (inputs stay in the captured buffers, as a serving loop would copy new images into them)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad(), _autocast(dtype, device, cache_enabled=False):
+        for _ in range(3):  # warm-up off the capture stream: cuDNN / Triton choices, allocator pools
+            model(images, mask)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), _autocast(dtype, device, cache_enabled=False), torch.cuda.graph(graph):
+        model(images, mask)
+    return graph
 
 
 def _peak_memory_gb(device: torch.device) -> float | None:
@@ -129,6 +145,16 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
             torch.nn.utils.clip_grad_norm_(trainable, 0.1)
             optimizer.step()
 
+    elif provider.endswith("cudagraph"):
+        model.eval()
+        graph = None
+
+        def step(_):
+            nonlocal graph
+            if graph is None:
+                graph = _graphed_inference(model, images, mask, dtype, device)
+            graph.replay()
+
     else:
         model.eval()
 
@@ -137,11 +163,11 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
                 runner(images, mask)
 
     started = time.perf_counter()
-    step(None)  # first call: compilation, cuDNN/Triton autotuning, allocator growth
-    first_s = time.perf_counter() - started
+    step(None)  # first call: compilation, graph capture, cuDNN/Triton autotuning, allocator growth
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    first_s = time.perf_counter() - started
     stats = measure(
         step, device=device, rep_ms=args.rep_ms, warmup_runs=args.warmup, min_runs=args.runs, max_runs=max(args.runs, 200),
         flush_l2=False,
@@ -178,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
     parser.add_argument(
         "--providers",
-        default=",".join(DECO_PROVIDERS + DETR_PROVIDERS[:1]),
+        default="stock-eager,fused-eager,stock-compile,fused-compile,stock-cudagraph,fused-cudagraph,eager,cudagraph",
         help=f"comma list from {DECO_PROVIDERS} (DECO) and {DETR_PROVIDERS} (DETR); each applies where it fits",
     )
     parser.add_argument("--passes", default="train_step,infer", help="comma list from train_step, infer")
@@ -230,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("skipping %s %s (--skip-compile-for)", model_key, provider)
             continue
         for pass_ in passes:
+            if provider.endswith("cudagraph") and (pass_ != "infer" or device.type != "cuda"):
+                # A training step cannot be one graph (the matcher runs on the host); graphs need a GPU.
+                log.info("skipping %s %s %s (CUDA graphs: inference on a GPU only)", model_key, provider, pass_)
+                continue
             for dtype in dtypes:
                 try:
                     record = run_one(model_key, provider, dtype, pass_, args, device)
