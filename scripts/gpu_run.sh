@@ -92,7 +92,7 @@ step_test() {
     note "tests of both backends on the GPU (log: test.log)"
     # Modules that need pycocotools fail to collect here; the selected kernel tests must still run.
     timeout "$(left 420)" python -m pytest tests -q -p no:cacheprovider --continue-on-collection-errors \
-        -k "cuda or triton or depthwise or upsample or pool or registration" --durations=15 2>&1 | tee "$OUT/test.log"
+        -k "cuda or triton or depthwise or upsample or pool or registration or fused or nn_modules" --durations=15 2>&1 | tee "$OUT/test.log"
     local rc=${PIPESTATUS[0]}
     ((rc != 0)) && echo "tests: rc $rc" && STATUS=1
 }
