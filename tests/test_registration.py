@@ -19,7 +19,8 @@ from deco_kernels import nn as fused_nn
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none present)")),
+    pytest.param("cuda", id="cuda",
+                 marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none present)")),
 ]
 
 
