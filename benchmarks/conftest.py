@@ -55,6 +55,11 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if not (torch.cuda.is_available() or config.getoption("--bench-smoke") or config.getoption("--bench-groups")):
+        raise pytest.UsageError(
+            "the default benchmark matrix (full-size shapes) needs a CUDA device; on the CPU pass --bench-smoke "
+            "(tiny shapes) or choose --bench-groups explicitly"
+        )
     if config.getoption("--bench-smoke"):
         # Tiny shapes: one thread avoids the OpenMP hand-off that dominates (and, on a busy CPU, stalls) them.
         torch.set_num_threads(1)
