@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of the images in the val split (default 0.2)"
     )
-    parser.add_argument("--max-objects", type=int, default=4, help="most objects in one image (default 4)")
+    parser.add_argument("--max-objects", type=int, default=3, help="most objects in one image (default 3)")
     parser.add_argument(
         "--empty-fraction", type=float, default=0.1, help="probability of an image without objects (default 0.1)"
     )

@@ -1,8 +1,8 @@
 """A synthetic, learnable detection dataset of rendered shapes, written in COCO format.
 
 Three classes told apart by shape (rectangle, ellipse, triangle), each with a colour tendency (reddish,
-greenish, bluish hues, but a quarter of the objects take any hue so that shape has to be learned), at varied
-sizes (a quarter to three fifths of the shorter image side, so a stride-32 model on 128-160 px images sees
+greenish, bluish hues, but one object in seven takes any hue so that shape has to be learned), at varied
+sizes (0.3 to 0.65 of the shorter image side, so a stride-32 model on 128-160 px images sees
 them) and aspect ratios, overlapping (at most 40 % of the smaller box) but never hidden by more than 30 %, on
 noisy backgrounds with a colour gradient and a low-frequency texture. About one image in ten has no object.
 
@@ -39,8 +39,8 @@ CATEGORIES = (
 )
 _CLASS_HUE = {1: 0.0, 2: 0.33, 3: 0.62}
 _HUE_JITTER = 0.07
-_FREE_HUE_PROBABILITY = 0.25
-_OBJECT_SIDE_RANGE = (0.25, 0.6)  # fraction of the shorter image side
+_FREE_HUE_PROBABILITY = 0.15
+_OBJECT_SIDE_RANGE = (0.3, 0.65)  # fraction of the shorter image side
 _MIN_VISIBLE_FRACTION = 0.7
 # Intersection of two objects' boxes over the smaller one's area: caps IoU and keeps a small object from
 # sitting inside a large one's box, so that every box stays tellable from the others.
@@ -66,7 +66,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     frequency = rng.uniform(1.5, 6.0, size=2)
     phase = rng.uniform(0, 2 * np.pi, size=2)
     texture = np.sin(np.pi * frequency[0] * xs + phase[0]) * np.sin(np.pi * frequency[1] * ys + phase[1])
-    texture = texture[..., None] * rng.uniform(-25, 25, size=3)
+    texture = texture[..., None] * rng.uniform(-20, 20, size=3)
     return base + gradient + texture
 
 
@@ -161,7 +161,7 @@ def _render(rng: np.random.Generator, height: int, width: int, count: int) -> tu
     """H x W x 3 uint8 image and its objects."""
     pixels = _background(rng, height, width)
     objects = _draw_objects(rng, pixels, count)
-    pixels = pixels + rng.normal(0.0, rng.uniform(4, 14), size=pixels.shape)
+    pixels = pixels + rng.normal(0.0, rng.uniform(3, 10), size=pixels.shape)
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), objects
 
 
@@ -172,7 +172,7 @@ def write_synthetic_dataset(
     image_size: tuple[int, int] = (128, 128),
     *,
     val_fraction: float = 0.2,
-    max_objects: int = 4,
+    max_objects: int = 3,
     empty_fraction: float = 0.1,
     progress: bool = True,
 ) -> dict:
