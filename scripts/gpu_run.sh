@@ -58,9 +58,14 @@ extension_imports() {
 
 step_build() {
     note "build (log: build.log)"
-    local t
+    local t cap arch
     t=$(left 480)
-    MAX_JOBS=${MAX_JOBS:-16} timeout "$t" python -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+    # Only this GPU's architecture: half the nvcc work of the default list (Hopper gets its sm_90a code).
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+    arch=${cap:-9.0}
+    [[ $arch == 9.0 ]] && arch=9.0a
+    echo "building for TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}"
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout "$t" python -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
     local rc=$?
     tail -5 "$OUT/build.log"
     if ((rc != 0)); then
