@@ -169,3 +169,15 @@ def test_eval_transforms_are_deterministic_resize_and_normalise():
     tensor, target = make_transforms(False, eval_size=50, max_size=1333)(image, _target([[10, 20, 50, 60]]))
     assert tensor.shape == (3, 50, 100)
     torch.testing.assert_close(target["boxes"], torch.tensor([[0.15, 0.4, 0.2, 0.4]]))
+
+
+def test_train_transforms_without_the_crop_branch_never_crop():
+    image = _gradient_image(120, 150)
+    transforms = make_transforms(True, **{**SMALL, "crop_resize": None})
+    for seed in range(8):
+        torch.manual_seed(seed)
+        tensor, target = transforms(image, _target([[0, 0, 150, 120]]))
+        height, width = tensor.shape[1:]
+        assert height in SMALL["scales"]  # the shorter side, aspect kept: nothing was cut away
+        assert width == int(height * 150 / 120)
+        torch.testing.assert_close(target["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))

@@ -249,7 +249,7 @@ def make_transforms(
     *,
     scales: Sequence[int] = tuple(range(480, 801, 32)),
     max_size: int = 1333,
-    crop_resize: Sequence[int] = (400, 500, 600),
+    crop_resize: Sequence[int] | None = (400, 500, 600),
     crop_range: tuple[int, int] = (384, 600),
     eval_size: int = 800,
 ) -> Compose:
@@ -259,12 +259,15 @@ def make_transforms(
     side <= ``max_size``), else a resize to one of ``crop_resize`` -> a random crop with sides in
     ``crop_range`` -> the same random resize; then :class:`Normalize`.
     eval: shorter side ``eval_size``, longer side <= ``max_size``; then :class:`Normalize`.
+    ``crop_resize=None`` (or empty) leaves out the crop branch: flip, then the multi-scale resize.
     Small-image set-ups (the synthetic demo) scale every parameter down, e.g. scales 96..160, max_size 213.
     """
     normalize = Normalize()
     if not train:
         return Compose([Resize(eval_size, max_size), normalize])
     multi_scale = RandomResize(scales, max_size=max_size)
+    if not crop_resize:
+        return Compose([RandomHorizontalFlip(), multi_scale, normalize])
     return Compose(
         [
             RandomHorizontalFlip(),
