@@ -63,6 +63,14 @@ def test_draw_detections_outlines_boxes_in_the_category_colour():
     assert (caption_area == PALETTE[1]).all(axis=-1).any() and (caption_area > 220).all(axis=-1).any()
 
 
+def test_first_detection_is_drawn_on_top():
+    detections = [
+        {"box": [10, 20, 50, 50], "label": 0, "name": "best", "score": 0.9},
+        {"box": [10, 20, 50, 50], "label": 1, "name": "worse", "score": 0.5},
+    ]
+    assert draw_detections(Image.new("RGB", (60, 60)), detections).getpixel((10, 35)) == PALETTE[0]
+
+
 def test_caption_moves_inside_when_the_box_touches_the_top():
     drawn = draw_detections(Image.new("RGB", (60, 60)), [{"box": [0, 0, 50, 50], "label": 0, "name": "r", "score": 1}])
     assert drawn.getpixel((1, 3)) == PALETTE[0]

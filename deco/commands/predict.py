@@ -52,7 +52,8 @@ def draw_detections(image: Image.Image, detections: Sequence[dict]) -> Image.Ima
     draw = ImageDraw.Draw(drawn)
     font = ImageFont.load_default()
     line_width = max(1, round(min(drawn.size) / 200))
-    for detection in detections:
+    # Drawn in reverse so that the first (best, for detect()'s output) ends on top of the others.
+    for detection in reversed(detections):
         x0, y0, x1, y1 = detection["box"]
         colour = PALETTE[detection["label"] % len(PALETTE)]
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line_width)
