@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from benchmarks.cases import LARGE_GROUPS
 from benchmarks.results import load, merge
 
-__all__ = ["TARGETS", "Outcome", "evaluate"]
+__all__ = ["Outcome", "evaluate"]
 
 EAGER = ("eager-nchw", "eager-cl")
 COMPILE = ("compile", "compile-max-autotune")
@@ -108,7 +108,15 @@ def _roofline_outcomes(records: list[dict]) -> list[Outcome]:
             continue
         key = min(best, key=best.get)
         outcomes.append(
-            Outcome("large shapes >= 70% of the roofline floor", 70, "%", side, best[key], " ".join(map(str, key)), len(best))
+            Outcome(
+                "large shapes >= 70% of the roofline floor",
+                70,
+                "%",
+                side,
+                best[key],
+                " ".join(map(str, key)),
+                len(best),
+            )
         )
     return outcomes
 
@@ -122,13 +130,18 @@ def evaluate(records: list[dict]) -> list[Outcome]:
     outcomes += _speedup_outcomes("depthwise 9x9 fwd+bwd >= 2x faster eager layout", 2.0, depthwise, EAGER, BACKENDS)
     outcomes += _speedup_outcomes("depthwise 9x9 fwd+bwd >= 1.5x torch.compile", 1.5, depthwise, COMPILE, BACKENDS)
     outcomes += _speedup_outcomes("CIM front (upsample_add_conv) fwd+bwd >= 3x eager", 3.0, cim, EAGER, BACKENDS)
-    outcomes += _speedup_outcomes("CIM front (upsample_add_conv) fwd+bwd >= 2x torch.compile", 2.0, cim, COMPILE, BACKENDS)
+    outcomes += _speedup_outcomes(
+        "CIM front (upsample_add_conv) fwd+bwd >= 2x torch.compile", 2.0, cim, COMPILE, BACKENDS
+    )
     outcomes += _speedup_outcomes("adaptive max pool fwd+bwd >= 2x eager", 2.0, max_pool, EAGER, BACKENDS)
     outcomes += _roofline_outcomes(records)
 
     r18_train = [r for r in records if r.get("model") == "DECO-R18" and r["pass"] == "train_step"]
     outcomes += _speedup_outcomes(
-        "DECO-R18 train step >= 1.5x best stock", 1.5, r18_train, ("stock-eager", "stock-compile"),
+        "DECO-R18 train step >= 1.5x best stock",
+        1.5,
+        r18_train,
+        ("stock-eager", "stock-compile"),
         {"fused (eager or compiled)": ("fused-eager", "fused-compile")},
     )
     # DECO-R50 against DETR-R50 (its best provider): different models, so rows are matched on batch, image
@@ -139,7 +152,10 @@ def evaluate(records: list[dict]) -> list[Outcome]:
             provider = "detr" if r["model"] == "DETR-R50" else r["provider"]
             inference.append({**r, "model": "R50 inference", "provider": provider})
     outcomes += _speedup_outcomes(
-        "DECO-R50 inference >= 1.5x DETR-R50", 1.5, inference, ("detr",),
+        "DECO-R50 inference >= 1.5x DETR-R50",
+        1.5,
+        inference,
+        ("detr",),
         {"fused DECO-R50 (eager, compiled or graphed)": ("fused-eager", "fused-compile", "fused-cudagraph")},
     )
     return outcomes

@@ -67,7 +67,9 @@ def pytest_configure(config):
 
 def _selection(config) -> dict:
     smoke = config.getoption("--bench-smoke")
-    groups = _csv(config.getoption("--bench-groups")) or (("smoke",) if smoke else tuple(g for g in GROUPS if g != "smoke"))
+    groups = _csv(config.getoption("--bench-groups")) or (
+        ("smoke",) if smoke else tuple(g for g in GROUPS if g != "smoke")
+    )
     providers = _csv(config.getoption("--bench-providers")) or (_SMOKE_PROVIDERS if smoke else DEFAULT_PROVIDERS)
     dtypes = _csv(config.getoption("--bench-dtypes"))
     passes = _csv(config.getoption("--bench-passes"))

@@ -11,7 +11,8 @@ One command runs everything (``python -m benchmarks.e2e --out results.json``):
 Providers: ``stock-eager`` / ``fused-eager`` (``build_deco(kernels="stock"|"fused")``), ``stock-compile`` /
 ``fused-compile`` (``torch.compile`` of the model; the loss and matcher stay eager, as the matcher runs SciPy),
 ``stock-cudagraph`` / ``fused-cudagraph`` (inference only, GPU only: the forward captured once in a CUDA graph
-and replayed), and ``eager`` / ``compile`` / ``cudagraph`` for DETR-R50. dtypes: ``float32``, or ``bfloat16`` = the model under ``torch.autocast(bfloat16)``.
+and replayed), and ``eager`` / ``compile`` / ``cudagraph`` for DETR-R50. dtypes: ``float32``, or
+``bfloat16`` = the model under ``torch.autocast(bfloat16)``.
 Each record holds the median step time (CUDA events, after warm-up), its spread, images/s and the peak of
 ``torch.cuda.max_memory_allocated`` over the timed steps; ``speedup`` is against the stock providers of
 the same model, batch, dtype and pass.
@@ -169,7 +170,12 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
         torch.cuda.reset_peak_memory_stats(device)
     first_s = time.perf_counter() - started
     stats = measure(
-        step, device=device, rep_ms=args.rep_ms, warmup_runs=args.warmup, min_runs=args.runs, max_runs=max(args.runs, 200),
+        step,
+        device=device,
+        rep_ms=args.rep_ms,
+        warmup_runs=args.warmup,
+        min_runs=args.runs,
+        max_runs=max(args.runs, 200),
         flush_l2=False,
     )
     record = {
@@ -187,11 +193,14 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
         "peak_mem_gb": _peak_memory_gb(device),
         "first_call_s": first_s,
     }
-    del runner, model
+    return record
+
+
+def _release_memory(device: torch.device) -> None:
+    # The last model, its graphs and optimizer state are garbage once run_one returned; free them before the next.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return record
 
 
 def _csv(text: str) -> list[str]:
@@ -217,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
     parser.add_argument("--rep-ms", type=float, default=1000.0, help="keep timing until this much step time")
     parser.add_argument(
-        "--skip-compile-for", default="deco-r50",
+        "--skip-compile-for",
+        default="deco-r50",
         help="models whose compile providers are skipped (compilation of the big models costs minutes); '' for none",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny DECO variants for a CPU check of the code path")
@@ -267,10 +277,17 @@ def main(argv: list[str] | None = None) -> int:
                     failures += 1
                     log.exception("%s %s %s %s failed", model_key, provider, dtype, pass_)
                     continue
+                finally:
+                    _release_memory(device)
                 results.add(record)
                 log.info(
                     "%s %-14s %-9s %-10s %8.2f ms  %7.1f img/s  peak %s GB",
-                    record["model"], provider, dtype, pass_, record["median_ms"], record["images_per_s"],
+                    record["model"],
+                    provider,
+                    dtype,
+                    pass_,
+                    record["median_ms"],
+                    record["images_per_s"],
                     "-" if record["peak_mem_gb"] is None else f"{record['peak_mem_gb']:.2f}",
                 )
     results.write()

@@ -54,8 +54,12 @@ def headline_table(records: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     micro = [
-        r for r in records
-        if "op" in r and r["group"] == "deco" and r["shape"]["B"] == HEADLINE_BATCH and r["pass"] == "fwd+bwd"
+        r
+        for r in records
+        if "op" in r
+        and r["group"] == "deco"
+        and r["shape"]["B"] == HEADLINE_BATCH
+        and r["pass"] == "fwd+bwd"
         and (r["shape"]["H"], r["shape"]["W"]) == (25, 42)
     ]
     rows: dict[tuple, list[dict]] = {}
@@ -71,14 +75,16 @@ def headline_table(records: list[dict]) -> str:
         )
     e2e_lines = [
         "",
-        "| model | provider | pass | batch | image | dtype | median ms | images/s | peak GB | vs stock eager | vs stock compile |",
+        "| model | provider | pass | batch | image | dtype | median ms | images/s | peak GB "
+        "| vs stock eager | vs stock compile |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in (r for r in records if "model" in r):
         peak = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
         speedup = r.get("speedup", {})
         e2e_lines.append(
-            f"| {r['model']} | {r['provider']} | {r['pass']} | {r['batch']} | {r['image_size'][0]}x{r['image_size'][1]} "
+            f"| {r['model']} | {r['provider']} | {r['pass']} | {r['batch']} "
+            f"| {r['image_size'][0]}x{r['image_size'][1]} "
             f"| {r['dtype']} | {r['median_ms']:.2f} | {r['images_per_s']:.1f} | {peak} "
             f"| {_speedup_text(speedup, 'stock-eager')} | {_speedup_text(speedup, 'stock-compile')} |"
         )
@@ -114,15 +120,16 @@ def _full_tables(document: dict) -> str:
             "",
             f"## {op}",
             "",
-            "| group | shape | dtype | pass | provider | median ms | p20-p80 ms | GB/s | GFLOP/s | roofline % | speed-ups |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| group | shape | dtype | pass | provider | median ms | p20-p80 ms | GB/s | GFLOP/s | roofline % "
+            "| fwd error | speed-ups |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in rows:
             speedups = ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items())
             out.append(
                 f"| {r['group']} | {_shape_text(r['shape'])} | {r['dtype']} | {r['pass']} | {r['provider']} "
                 f"| {r['median_ms']:.4f} | {r['p20_ms']:.4f}-{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} "
-                f"| {r['gflop_per_s']:.0f} | {r['roofline_pct']:.1f} | {speedups} |"
+                f"| {r['gflop_per_s']:.0f} | {r['roofline_pct']:.1f} | {r['forward_error']:.1e} | {speedups} |"
             )
     return "\n".join(out) + "\n"
 

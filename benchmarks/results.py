@@ -8,10 +8,12 @@ A results file is a JSON object::
 
 A microbenchmark record has ``op``, ``group``, ``provider``, ``shape`` (dict), ``dtype``, ``pass`` (fwd, bwd,
 fwd+bwd), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``gb_per_s``, ``gflop_per_s``, ``roofline_pct``,
-``forward_error`` (its output against the float64 stock composition) and ``speedup`` ({baseline provider: baseline median / this median} for each baseline measured on the same
-op, shape, dtype and pass). An end-to-end record has ``model``, ``provider``, ``batch``, ``image_size``
-([H, W]), ``dtype``, ``pass`` (train_step, infer), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``,
-``images_per_s``, ``peak_mem_gb`` and ``speedup`` (against the stock providers of the same model).
+``forward_error`` (its output against the float64 stock composition) and ``speedup`` ({baseline provider:
+baseline median / this median} for each baseline measured on the same op, shape, dtype and pass).
+An end-to-end record has ``model``, ``provider``, ``batch``, ``image_size`` ([H, W]), ``dtype``, ``pass``
+(train_step, infer), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``images_per_s``, ``peak_mem_gb``,
+``first_call_s`` (compilation / capture included) and ``speedup`` (against the stock providers of the same
+model).
 """
 
 from __future__ import annotations
@@ -29,17 +31,44 @@ __all__ = ["ResultsFile", "add_speedups", "environment", "load", "merge", "valid
 MICRO_PASSES = ("fwd", "bwd", "fwd+bwd")
 E2E_PASSES = ("train_step", "infer")
 _MICRO_FIELDS = {
-    "op": str, "group": str, "provider": str, "shape": dict, "dtype": str, "pass": str, "median_ms": float,
-    "p20_ms": float, "p80_ms": float, "runs": int, "gb_per_s": float, "gflop_per_s": float,
-    "roofline_pct": float, "forward_error": float, "speedup": dict,
+    "op": str,
+    "group": str,
+    "provider": str,
+    "shape": dict,
+    "dtype": str,
+    "pass": str,
+    "median_ms": float,
+    "p20_ms": float,
+    "p80_ms": float,
+    "runs": int,
+    "gb_per_s": float,
+    "gflop_per_s": float,
+    "roofline_pct": float,
+    "forward_error": float,
+    "speedup": dict,
 }
 _E2E_FIELDS = {
-    "model": str, "provider": str, "batch": int, "image_size": list, "dtype": str, "pass": str,
-    "median_ms": float, "p20_ms": float, "p80_ms": float, "runs": int, "images_per_s": float,
-    "peak_mem_gb": (float, type(None)), "speedup": dict,
+    "model": str,
+    "provider": str,
+    "batch": int,
+    "image_size": list,
+    "dtype": str,
+    "pass": str,
+    "median_ms": float,
+    "p20_ms": float,
+    "p80_ms": float,
+    "runs": int,
+    "images_per_s": float,
+    "peak_mem_gb": (float, type(None)),
+    "speedup": dict,
 }
 _TOP_FIELDS = {
-    "device": str, "torch": str, "triton": (str, type(None)), "date": str, "command": str, "records": list,
+    "device": str,
+    "torch": str,
+    "triton": (str, type(None)),
+    "date": str,
+    "command": str,
+    "records": list,
 }
 
 

@@ -24,9 +24,23 @@ from benchmarks.results import add_speedups, load, merge, validate  # noqa: E402
 def test_microbenchmark_suite_runs_on_cpu(tmp_path):
     out = tmp_path / "micro.json"
     command = [
-        sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-        "--bench-smoke", "--bench-dtypes", "float32", "--bench-rep-ms", "1", "--bench-compile-backend", "eager",
-        "--bench-out", str(out),
+        sys.executable,
+        "-m",
+        "pytest",
+        "benchmarks",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-disable",
+        "--bench-smoke",
+        "--bench-dtypes",
+        "float32",
+        "--bench-rep-ms",
+        "1",
+        "--bench-compile-backend",
+        "eager",
+        "--bench-out",
+        str(out),
     ]
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
@@ -63,9 +77,26 @@ def test_end_to_end_benchmark_runs_on_cpu(tmp_path, one_thread):
     out = tmp_path / "e2e.json"
     status = e2e.main(
         [
-            "--out", str(out), "--smoke", "--models", "deco-r18,detr-r50", "--providers", "stock-eager,fused-eager,eager",
-            "--dtypes", "float32", "--batch", "2", "--image-size", "64", "64", "--runs", "1", "--warmup", "0",
-            "--rep-ms", "0",
+            "--out",
+            str(out),
+            "--smoke",
+            "--models",
+            "deco-r18,detr-r50",
+            "--providers",
+            "stock-eager,fused-eager,eager",
+            "--dtypes",
+            "float32",
+            "--batch",
+            "2",
+            "--image-size",
+            "64",
+            "64",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--rep-ms",
+            "0",
         ]
     )
     assert status == 0
@@ -100,7 +131,7 @@ def test_pool_windows_match_torch():
         # torch's average of 0, 1, ..., size-1 over a window [start, start + n) is start + (n - 1) / 2.
         averaged = torch.nn.functional.adaptive_avg_pool1d(torch.arange(size, dtype=torch.float64).view(1, 1, -1), out)
         starts = [i * size // out for i in range(out)]
-        expected = [start + (n - 1) / 2 for start, n in zip(starts, lengths)]
+        expected = [start + (n - 1) / 2 for start, n in zip(starts, lengths, strict=True)]
         torch.testing.assert_close(averaged.view(-1), torch.tensor(expected, dtype=torch.float64))
 
 
@@ -112,7 +143,9 @@ def test_cost_model_by_hand():
     assert forward.bytes == 2 * n * 2 + params and forward.flops == 2 * n * 9 + n
     both = roofline.cost("depthwise_conv2d", shape, torch.float32, "fwd+bwd")
     assert both.bytes == 5 * n * 4 + 3 * params and both.flops == 6 * n * 9 + 2 * n
-    pool = roofline.cost("adaptive_max_pool2d", {"B": 1, "C": 1, "H": 25, "W": 25, "oh": 10, "ow": 10}, torch.float32, "fwd")
+    pool = roofline.cost(
+        "adaptive_max_pool2d", {"B": 1, "C": 1, "H": 25, "W": 25, "oh": 10, "ow": 10}, torch.float32, "fwd"
+    )
     # 25 -> 10: every window spans 3 rows (and 3 columns), e.g. [0, 3), [2, 5), [5, 8).
     assert pool.bytes == 625 * 4 + 100 * (4 + 8) and pool.flops == 30 * 30
     assert roofline.roofline_floor_s(roofline.Cost(1e9, 1e9), 1e12, 1e13) == pytest.approx(1e-3)
@@ -122,7 +155,11 @@ def test_cost_model_by_hand():
 
 def test_case_selection():
     deco_9x9 = cases("depthwise_conv2d", ("deco", "stride8"), kernels=(9,), batches=(8,))
-    assert {(c.group, c.dims["H"], c.dims["W"]) for c in deco_9x9} == {("deco", 25, 42), ("deco", 10, 10), ("stride8", 100, 167)}
+    assert {(c.group, c.dims["H"], c.dims["W"]) for c in deco_9x9} == {
+        ("deco", 25, 42),
+        ("deco", 10, 10),
+        ("stride8", 100, 167),
+    }
     with pytest.raises(ValueError, match="groups must be among"):
         cases("depthwise_conv2d", ("stride4",))
 
@@ -130,9 +167,21 @@ def test_case_selection():
 def _micro(provider, median, op="depthwise_conv2d", group="deco", shape=None, pass_="fwd+bwd", roofline_pct=50.0):
     shape = shape or {"B": 8, "C": 480, "H": 25, "W": 42, "kh": 9, "kw": 9}
     return {
-        "op": op, "group": group, "provider": provider, "shape": shape, "dtype": "float32", "pass": pass_,
-        "median_ms": median, "p20_ms": median, "p80_ms": median, "runs": 10, "gb_per_s": 1.0, "gflop_per_s": 1.0,
-        "roofline_pct": roofline_pct, "forward_error": 0.0, "speedup": {},
+        "op": op,
+        "group": group,
+        "provider": provider,
+        "shape": shape,
+        "dtype": "float32",
+        "pass": pass_,
+        "median_ms": median,
+        "p20_ms": median,
+        "p80_ms": median,
+        "runs": 10,
+        "gb_per_s": 1.0,
+        "gflop_per_s": 1.0,
+        "roofline_pct": roofline_pct,
+        "forward_error": 0.0,
+        "speedup": {},
     }
 
 
@@ -143,9 +192,13 @@ def _document(records):
 def test_targets_are_judged_on_the_worst_row():
     stride8 = {"B": 8, "C": 256, "H": 100, "W": 167, "kh": 9, "kw": 9}
     records = [
-        _micro("eager-nchw", 1.0), _micro("eager-cl", 0.8), _micro("compile", 0.6),
-        _micro("deco-triton", 0.5), _micro("deco-triton-cl", 0.3),  # 0.8 / 0.3 = 2.67x over eager, 2x compile
-        _micro("eager-nchw", 4.0, group="stride8", shape=stride8), _micro("compile", 3.0, group="stride8", shape=stride8),
+        _micro("eager-nchw", 1.0),
+        _micro("eager-cl", 0.8),
+        _micro("compile", 0.6),
+        _micro("deco-triton", 0.5),
+        _micro("deco-triton-cl", 0.3),  # 0.8 / 0.3 = 2.67x over eager, 2x compile
+        _micro("eager-nchw", 4.0, group="stride8", shape=stride8),
+        _micro("compile", 3.0, group="stride8", shape=stride8),
         _micro("deco-triton", 2.5, group="stride8", shape=stride8, roofline_pct=75.0),  # 1.6x: the worst row
     ]
     outcomes = {(o.target, o.side): o for o in evaluate(records)}
@@ -173,5 +226,7 @@ def test_speedups_schema_and_merge(tmp_path):
     path = tmp_path / "gpu-2026-01-01.json"
     path.write_text(json.dumps(merge([_document(records[:1]), _document(records[1:])])))
     markdown, plots = render(path)
-    assert "depthwise_conv2d" in markdown.read_text() and [p.name for p in plots] == ["gpu-2026-01-01-depthwise_conv2d.png"]
+    assert "depthwise_conv2d" in markdown.read_text() and [p.name for p in plots] == [
+        "gpu-2026-01-01-depthwise_conv2d.png"
+    ]
     assert "| depthwise_conv2d | B8 C480 H25 W42 kh9 kw9 | float32 | fwd+bwd | 0.500 |" in headline_table(records)

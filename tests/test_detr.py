@@ -64,10 +64,14 @@ def test_sine_position_encoding_matches_formula():
     y, x = 2 * torch.pi, torch.pi
     expected = torch.tensor(
         [
-            torch.sin(torch.tensor(y)), torch.cos(torch.tensor(y)),
-            torch.sin(torch.tensor(y / 100)), torch.cos(torch.tensor(y / 100)),
-            torch.sin(torch.tensor(x)), torch.cos(torch.tensor(x)),
-            torch.sin(torch.tensor(x / 100)), torch.cos(torch.tensor(x / 100)),
+            torch.sin(torch.tensor(y)),
+            torch.cos(torch.tensor(y)),
+            torch.sin(torch.tensor(y / 100)),
+            torch.cos(torch.tensor(y / 100)),
+            torch.sin(torch.tensor(x)),
+            torch.cos(torch.tensor(x)),
+            torch.sin(torch.tensor(x / 100)),
+            torch.cos(torch.tensor(x / 100)),
         ]
     )
     torch.testing.assert_close(encoding[0, :, 1, 0], expected, atol=1e-5, rtol=1e-5)

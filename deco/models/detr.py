@@ -4,8 +4,8 @@ ResNet-50 with frozen BatchNorm (the same backbone as DECO's, :func:`deco.models
 1x1 projection to 256 -> 6 post-norm encoder layers (self-attention with the sine positional encoding added to
 queries and keys at every layer) -> 6 post-norm decoder layers over 100 learned queries (the decoder input is
 zero, the learned embedding is the query position) -> a shared final LayerNorm on every layer's output ->
-a class head (num_classes + 1 logits, "no object" last) and a 3-layer box MLP, both shared by all layers. Hidden 256,
-8 heads, FFN 2048 with ReLU, dropout 0.1. Trained with softmax cross-entropy, no-object weight 0.1
+a class head (num_classes + 1 logits, "no object" last) and a 3-layer box MLP, both shared by all layers.
+Hidden 256, 8 heads, FFN 2048 with ReLU, dropout 0.1. Trained with softmax cross-entropy, no-object weight 0.1
 (:func:`deco.losses.build_criterion` with ``class_loss="softmax_ce"``).
 
 The layers are built from ``torch.nn.MultiheadAttention`` / ``Linear`` / ``LayerNorm`` rather than
@@ -171,9 +171,7 @@ class DETR(nn.Module):
         for layer in self.decoder_layers:
             tgt = layer(tgt, query_pos, memory, pos, padding_mask)
             per_layer.append(self.decoder_norm(tgt))
-        outputs = [
-            {"pred_logits": self.class_embed(h), "pred_boxes": self.bbox_embed(h).sigmoid()} for h in per_layer
-        ]
+        outputs = [{"pred_logits": self.class_embed(h), "pred_boxes": self.bbox_embed(h).sigmoid()} for h in per_layer]
         return {**outputs[-1], "aux_outputs": outputs[:-1]}
 
 
