@@ -20,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${OUT:-$PWD/gpu-out}
+OUT=${OUT:-/tmp/deco-gpu-run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 BUDGET_S=${GPU_RUN_BUDGET_S:-570}
