@@ -221,6 +221,11 @@ def _conv_weight_grad_kernel(
     m_channels = m_ptr + cs[:, None, None] * sm_c
     row = partial_ptr + tile.to(tl.int64) * n_cols
 
+    if BIAS:
+        grads = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=tl.float32)
+        for b in range(B):
+            grads += tl.load(g_tile + b * sg_b, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(row + bias_col + cs, tl.sum(tl.sum(grads, axis=2), axis=1), mask=cs < C)
     if WEIGHT:
         for i in range(KH):
             hh = hs + (i - KH // 2)
@@ -240,19 +245,17 @@ def _conv_weight_grad_kernel(
                     x_taps = x_rows + ww[None, None, :] * sx_w
                 # Summing the products over images element-wise first leaves one tile reduction per tap.
                 products = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=tl.float32)
-                for b in range(B):
-                    value = tl.load(x_taps + b * sx_b, mask=mask, other=0.0).to(tl.float32)
+                g_taps = g_tile
+                for _ in range(B):
+                    value = tl.load(x_taps, mask=mask, other=0.0).to(tl.float32)
                     if UPSAMPLE:
-                        value += tl.load(m_taps + b * sm_b, mask=mask, other=0.0).to(tl.float32)
-                    grad = tl.load(g_tile + b * sg_b, mask=mask, other=0.0).to(tl.float32)
-                    products += grad * value
+                        value += tl.load(m_taps, mask=mask, other=0.0).to(tl.float32)
+                        m_taps += sm_b
+                    products += tl.load(g_taps, mask=mask, other=0.0).to(tl.float32) * value
+                    x_taps += sx_b
+                    g_taps += sg_b
                 tl.store(row + cs * (KH * KW) + (i * KW + j), tl.sum(tl.sum(products, axis=2), axis=1),
                          mask=cs < C)
-    if BIAS:
-        grads = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=tl.float32)
-        for b in range(B):
-            grads += tl.load(g_tile + b * sg_b, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(row + bias_col + cs, tl.sum(tl.sum(grads, axis=2), axis=1), mask=cs < C)
 
 
 @triton.jit
