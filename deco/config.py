@@ -40,6 +40,9 @@ class TrainConfig:
     encoder_depths: tuple[int, ...] = (2, 6, 2)
     num_decoder_layers: int = 6
     model_extra: dict = field(default_factory=dict)  # any further build_deco keyword arguments
+    # Initial value of every layer-scale parameter (``*.gamma``: encoder blocks, SIM, CIM); None keeps the
+    # release's 1e-6. A recipe setting, not an architecture one: it only changes the initial weights.
+    layer_scale_init: float | None = None
 
     # --- optimisation ---
     epochs: int = 150

@@ -119,6 +119,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model_config = config.model_kwargs(num_classes, self.kernels)
         self.model = build_deco(**self.model_config).to(self.device)
+        if config.layer_scale_init is not None:
+            with torch.no_grad():
+                for name, parameter in self.model.named_parameters():
+                    if name.rsplit(".", 1)[-1] == "gamma":
+                        parameter.fill_(config.layer_scale_init)
         self.criterion = build_criterion(num_classes, num_aux_layers=config.num_decoder_layers - 1).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
         self.schedule = StepDecaySchedule(
