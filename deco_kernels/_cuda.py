@@ -67,9 +67,7 @@ def _pair(size: Sequence[int] | int, name: str) -> list[int]:
     return [int(s) for s in size]
 
 
-def depthwise_conv2d_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x: B x C x H x W; weight: C x 1 x kh x kw (odd, <= 31); bias: C or None. Returns y: B x C x H x W."""
     return _ops().depthwise_conv2d_forward(x, weight, bias)
 
@@ -100,9 +98,7 @@ def upsample_add_conv_backward(
     return tuple(_ops().upsample_add_conv_backward(grad_y, query, memory, weight, [bool(m) for m in output_mask]))
 
 
-def adaptive_max_pool2d_forward(
-    x: torch.Tensor, output_size: Sequence[int] | int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def adaptive_max_pool2d_forward(x: torch.Tensor, output_size: Sequence[int] | int) -> tuple[torch.Tensor, torch.Tensor]:
     """(y B x C x oh x ow, int64 indices h * W + w into each input plane), like ``F.adaptive_max_pool2d``."""
     return tuple(_ops().adaptive_max_pool2d_forward(x, _pair(output_size, "output_size")))
 

@@ -34,9 +34,22 @@ def test_cmake_configures_for_sm80_and_sm90a(tmp_path):
     build, output = tmp_path / "build", tmp_path / "out"
     env = {key: value for key, value in os.environ.items() if key != "TORCH_CUDA_ARCH_LIST"}
     result = subprocess.run(
-        ["cmake", "-S", ROOT, "-B", build, "-G", "Ninja", f"-DPython_EXECUTABLE={sys.executable}",
-         f"-DDECO_KERNELS_OUTPUT_DIR={output}"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            "cmake",
+            "-S",
+            ROOT,
+            "-B",
+            build,
+            "-G",
+            "Ninja",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DDECO_KERNELS_OUTPUT_DIR={output}",
+        ],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rules = (build / "build.ninja").read_text()

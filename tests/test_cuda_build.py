@@ -132,5 +132,7 @@ def test_setup_without_nvcc_says_so_in_one_line(tmp_path):
         [sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     notes = [line for line in result.stderr.splitlines() if line.startswith("deco-kernels:")]
-    assert notes == ["deco-kernels: building without the CUDA extension: nvcc not found (set CUDA_HOME or put nvcc on PATH)"]
+    assert notes == [
+        "deco-kernels: building without the CUDA extension: nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    ]
     assert result.stdout.strip().splitlines()[-1] == "deco-kernels"

@@ -20,14 +20,13 @@ from tests.kernel_cases import (
     DEPTHWISE_CASES,
     DTYPES,
     LAYOUTS,
+    TOLERANCE,
     UPSAMPLE_ADD_CONV_CASES,
     assert_close,
     make_input,
 )
 
-pytestmark = pytest.mark.skipif(
-    not _cuda.is_available(), reason=f"deco_kernels._C is not built: {_cuda.load_error()}"
-)
+pytestmark = pytest.mark.skipif(not _cuda.is_available(), reason=f"deco_kernels._C is not built: {_cuda.load_error()}")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -47,7 +46,9 @@ def _poison_outputs():
 
 
 def _cases(cases, low_precision_cases):
-    params = [pytest.param(case, torch.float32, layout, id=f"{case}-float32-{layout}") for case in cases for layout in LAYOUTS]
+    params = [
+        pytest.param(case, torch.float32, layout, id=f"{case}-float32-{layout}") for case in cases for layout in LAYOUTS
+    ]
     params += [
         pytest.param(case, dtype, layout, id=f"{case}-{str(dtype)[6:]}-{layout}")
         for case in low_precision_cases
@@ -144,7 +145,7 @@ def test_depthwise_conv2d_empty_batch(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_weight_grads_are_deterministic(device):
     x = make_input((3, 4, 37, 70), torch.float32, "contiguous", device)  # several gradient tiles per image
-    weight, bias = _parameters(4, 9, 9, device)
+    weight, _ = _parameters(4, 9, 9, device)
     grad_y = torch.randn_like(x)
     first = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, True, True])
     second = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, True, True])
@@ -353,14 +354,17 @@ def test_cuda_matches_triton(dtype, layout):
     weight, bias = _parameters(48, 9, 9, "cuda")
 
     def compare(ours, theirs, what):
+        # Each backend is within TOLERANCE of the exact result (the tests above), so they are within twice it.
         for index, (a, b) in enumerate(zip(ours, theirs)):
             scale = b.double().abs().max().clamp_min(1.0)
             error = (a.double() - b.double()).abs().max()
-            assert error <= 2 * {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype] * scale, (
-                f"{what}[{index}]: cuda and triton differ by {error:.3g}"
-            )
+            assert error <= 2 * TOLERANCE[dtype] * scale, f"{what}[{index}]: cuda and triton differ by {error:.3g}"
 
-    compare([_cuda.depthwise_conv2d_forward(memory, weight, bias)], [dw.depthwise_conv2d_forward(memory, weight, bias)], "dw forward")
+    compare(
+        [_cuda.depthwise_conv2d_forward(memory, weight, bias)],
+        [dw.depthwise_conv2d_forward(memory, weight, bias)],
+        "dw forward",
+    )
     compare(
         _cuda.depthwise_conv2d_backward(grad_y, memory, weight, [True] * 3),
         dw.depthwise_conv2d_backward(grad_y, memory, weight, [True] * 3),
@@ -380,6 +384,18 @@ def test_cuda_matches_triton(dtype, layout):
     y_triton, indices_triton = pool.adaptive_max_pool2d_forward(memory, (10, 10))
     assert torch.equal(indices, indices_triton)
     compare([y], [y_triton], "max forward")
-    compare([_cuda.adaptive_max_pool2d_backward(query, indices, (25, 42))], [pool.adaptive_max_pool2d_backward(query, indices, (25, 42))], "max backward")
-    compare([_cuda.adaptive_avg_pool2d_forward(memory, (10, 10))], [pool.adaptive_avg_pool2d_forward(memory, (10, 10))], "avg forward")
-    compare([_cuda.adaptive_avg_pool2d_backward(query, (25, 42))], [pool.adaptive_avg_pool2d_backward(query, (25, 42))], "avg backward")
+    compare(
+        [_cuda.adaptive_max_pool2d_backward(query, indices, (25, 42))],
+        [pool.adaptive_max_pool2d_backward(query, indices, (25, 42))],
+        "max backward",
+    )
+    compare(
+        [_cuda.adaptive_avg_pool2d_forward(memory, (10, 10))],
+        [pool.adaptive_avg_pool2d_forward(memory, (10, 10))],
+        "avg forward",
+    )
+    compare(
+        [_cuda.adaptive_avg_pool2d_backward(query, (25, 42))],
+        [pool.adaptive_avg_pool2d_backward(query, (25, 42))],
+        "avg backward",
+    )
