@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 __all__ = ["CocoDetection", "load_coco_json", "load_image", "resolve_coco_paths"]
@@ -142,6 +141,9 @@ class CocoDetection(Dataset):
         self.image_dir = Path(image_dir)
         self.transforms = transforms
         data = load_coco_json(self.annotation_file)
+        # Imported here so that the transforms and the synthetic writer import on machines without pycocotools.
+        from pycocotools.coco import COCO
+
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools announces its indexing on stdout
