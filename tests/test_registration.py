@@ -1,10 +1,11 @@
 """The torch.library registration of every deco_kernels op: opcheck and torch.compile(fullgraph=True).
 
 opcheck runs each custom op's schema, fake (meta) implementation, autograd registration and AOT-dispatch
-tests with the "triton" backend (the interpreter on the CPU). The compile test traces a small module using
-every op with the "aot_eager" compile backend: it traces forward and backward through the fake
-implementations and the registered autograd exactly as inductor would, without inductor's C++/Triton code
-generation, which would take minutes on a 2-core CPU and is not what is under test here.
+tests with the "triton" backend (the interpreter on the CPU), and on a GPU also with "cuda". The compile
+test traces a small module using every op with the "aot_eager" compile backend: it traces forward and
+backward through the fake implementations and the registered autograd exactly as inductor would, without
+inductor's C++/Triton code generation, which would take minutes on a 2-core CPU and is not what is under
+test here.
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import assert_close
+from test_depthwise_conv2d import TARGETS
 
 import deco_kernels
 from deco_kernels import nn as fused_nn
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none present)")),
-]
 
 
 def _leaf(*shape, device, channels_last=False, grad=True):
@@ -31,7 +27,7 @@ def _leaf(*shape, device, channels_last=False, grad=True):
     return t.requires_grad_(grad)
 
 
-def _opcheck_cases(device):
+def _opcheck_cases(device, backend):
     """(name, op overload, args) for every custom op, small shapes, NCHW and channels-last."""
     ops = torch.ops.deco_kernels
     x = _leaf(2, 3, 5, 6, device=device)
@@ -43,23 +39,26 @@ def _opcheck_cases(device):
     z = _leaf(2, 5, 6, 3, device=device)
     ffn = _leaf(2, 5, 6, 3, device=device)
     gamma = _leaf(3, device=device)
-    return [
-        ("depthwise_conv2d", ops.depthwise_conv2d.default, (x, weight, bias, "triton")),
-        ("depthwise_conv2d_cl_no_bias", ops.depthwise_conv2d.default, (x_cl, weight, None, "triton")),
+    cases = [
+        ("depthwise_conv2d", ops.depthwise_conv2d.default, (x, weight, bias, backend)),
+        ("depthwise_conv2d_cl_no_bias", ops.depthwise_conv2d.default, (x_cl, weight, None, backend)),
         ("depthwise_conv2d_backward", ops.depthwise_conv2d_backward.default,
-         (grad_y, x.detach(), weight.detach(), [True, False, True], "triton")),
-        ("upsample_add_conv", ops.upsample_add_conv.default, (query, x_cl, weight, bias, "triton")),
+         (grad_y, x.detach(), weight.detach(), [True, False, True], backend)),
+        ("upsample_add_conv", ops.upsample_add_conv.default, (query, x_cl, weight, bias, backend)),
         ("upsample_add_conv_backward", ops.upsample_add_conv_backward.default,
-         (grad_y, query.detach(), x.detach(), weight.detach(), [True, True, False, True], "triton")),
-        ("adaptive_max_pool2d", ops.adaptive_max_pool2d.default, (x, [2, 4], "triton")),
-        ("adaptive_avg_pool2d", ops.adaptive_avg_pool2d.default, (x_cl, [2, 4], "triton")),
-        ("scale_residual_max_pool", ops.scale_residual_max_pool.default, (z, ffn, gamma, [2, 4], "triton")),
+         (grad_y, query.detach(), x.detach(), weight.detach(), [True, True, False, True], backend)),
+        ("adaptive_max_pool2d", ops.adaptive_max_pool2d.default, (x, [2, 4], backend)),
+        ("adaptive_avg_pool2d", ops.adaptive_avg_pool2d.default, (x_cl, [2, 4], backend)),
     ]
+    # The fused CIM back end has a Triton kernel only.
+    cases.append(("scale_residual_max_pool", ops.scale_residual_max_pool.default,
+                  (z, ffn, gamma, [2, 4], "triton")))
+    return cases
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_every_op(device):
-    for name, op, args in _opcheck_cases(device):
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_opcheck_every_op(device, backend):
+    for name, op, args in _opcheck_cases(device, backend):
         try:
             torch.library.opcheck(op, args)
         except Exception as error:
@@ -82,8 +81,8 @@ class _EveryOp(torch.nn.Module):
         return pooled + self.avg_pool(fused).mean(dim=(2, 3), keepdim=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_matches_eager(device):
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_compile_fullgraph_matches_eager(device, backend):
     torch._dynamo.reset()
     model = _EveryOp(4).to(device)
     query = torch.randn(2, 4, 3, 3, device=device)
@@ -97,7 +96,7 @@ def test_compile_fullgraph_matches_eager(device):
         out.square().sum().backward()
         return [out, q.grad, m.grad] + [p.grad for p in module.parameters()]
 
-    with deco_kernels.use_backend("triton"):
+    with deco_kernels.use_backend(backend):
         eager = run(model)
         compiled = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
     for index, (expected, actual) in enumerate(zip(eager, compiled)):
