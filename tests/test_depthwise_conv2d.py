@@ -19,10 +19,12 @@ from deco_kernels.triton import depthwise_conv2d as triton_depthwise
 
 HAS_CUDA = torch.cuda.is_available()
 
-# (device, backend): the Triton kernels run everywhere; the CUDA kernels are tested on the GPU here (their
-# CPU builds are covered by tests/test_cuda_kernels.py).
+# (device, backend): the Triton kernels run everywhere (the interpreter on the CPU); the CUDA kernels run on
+# the GPU and, through their CPU builds in deco_kernels._C, on CPU tensors.
 TARGETS = [
     pytest.param("cpu", "triton", id="cpu-triton"),
+    pytest.param("cpu", "cuda", id="cpu-cuda",
+                 marks=pytest.mark.skipif(not _cuda.is_available(), reason="needs the built deco_kernels._C")),
     pytest.param("cuda", "triton", id="cuda-triton",
                  marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none present)")),
     pytest.param("cuda", "cuda", id="cuda-cuda",
