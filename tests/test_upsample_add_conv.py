@@ -85,14 +85,21 @@ NEAREST_SIZES = [(10, 25), (10, 42), (14, 20), (7, 10), (3, 7), (5, 10), (1, 9),
 
 @pytest.mark.parametrize("device, backend", TARGETS)
 def test_nearest_rule_matches_interpolate_exactly(device, backend):
-    """With a zero kernel the op returns u itself, which must equal F.interpolate bit for bit."""
+    """With a zero kernel the op returns u itself, which must equal F.interpolate bit for bit, and the query
+    gradient is interpolate's backward (each query cell sums the output gradient over its footprint)."""
     for (query_h, height), (query_w, width) in zip(NEAREST_SIZES, reversed(NEAREST_SIZES)):
-        query = torch.randn(1, 2, query_h, query_w, device=device)
+        query = torch.randn(1, 2, query_h, query_w, device=device, requires_grad=True)
         memory = torch.randn(1, 2, height, width, device=device)
         weight = torch.zeros(2, 1, 1, 1, device=device)
         upsampled = deco_kernels.upsample_add_conv(query, memory, weight, backend=backend)
-        expected = F.interpolate(query, size=(height, width), mode="nearest")
-        assert torch.equal(upsampled, expected), f"query {query_h}x{query_w} -> memory {height}x{width}"
+        query64 = query.detach().double().requires_grad_()
+        expected = F.interpolate(query64, size=(height, width), mode="nearest")
+        where = f"query {query_h}x{query_w} -> memory {height}x{width}"
+        assert torch.equal(upsampled, expected.float()), where
+        grad_out = torch.randn(1, 2, height, width, device=device)
+        upsampled.backward(grad_out)
+        expected.backward(grad_out.double())
+        assert_close(query.grad, query64.grad, torch.float32, f"query gradient, {where}")
 
 
 @pytest.mark.parametrize("device, backend", TARGETS)
