@@ -308,7 +308,7 @@ def test_torch_compile_fullgraph(target):
 
 
 def test_large_map_uses_the_large_block_config(target):
-    """grad_x of 16 x 64 x 64 has 2**16 elements: the backward launches with the large (BLOCK=1024) config."""
+    """grad_x of 16 x 64 x 64 has 2**16 elements: the backward launches with the large (BLOCK=512) config."""
     device, backend = target
     assert triton_pool._config(16 * 64 * 64) == triton_pool.CONFIGS[1]
     x = make_input((1, 16, 64, 64), torch.float32, "channels_last", device=device)

@@ -34,7 +34,7 @@ __all__ = [
 
 # (BLOCK, num_warps): the small block keeps enough programs in flight for DECO's 480 x 10 x 10 outputs, the
 # large one cuts the program count for big maps (DECO+ at stride 8, large batches).
-CONFIGS = ((256, 4), (1024, 8))
+CONFIGS = ((256, 4), (512, 8))
 _LARGE_CONFIG_FROM = 1 << 16
 
 _INDEX_LIMIT = 2**31  # flat element numbers are 32-bit inside the kernels; memory offsets are 64-bit
