@@ -112,19 +112,26 @@ def resolve_backend(device: torch.device | str, backend: str | None = None, *, o
     Raises ``RuntimeError`` when an explicitly requested backend cannot run there (for example ``"cuda"``
     without the compiled extension, or ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``).
     """
-    device = torch.device(device)
     requested = _check_name(backend, "backend") if backend is not None else _setting
+    return _resolve(torch.device(device).type, requested, op)
+
+
+# Under torch.compile this runs once at trace time (availability probes and logging are not traceable) and its
+# answer becomes a constant of the graph; the graph is guarded on the setting that ``requested`` was read from.
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str, requested: str, op: str) -> str:
+    device = torch.device(device_type)
     chosen = _auto(device) if requested == "auto" else requested
     if chosen not in available_backends(device):
         raise RuntimeError(
-            f"deco_kernels: backend {chosen!r} cannot run {op} on {device.type} tensors here; "
+            f"deco_kernels: backend {chosen!r} cannot run {op} on {device_type} tensors here; "
             f"available: {', '.join(available_backends(device))}"
         )
-    key = (op, device.type, chosen)
+    key = (op, device_type, chosen)
     if key not in _logged:
         _logged.add(key)
         how = "auto" if requested == "auto" else "requested"
-        logger.info("deco_kernels: %s on %s runs the %r backend (%s)", op, device.type, chosen, how)
+        logger.info("deco_kernels: %s on %s runs the %r backend (%s)", op, device_type, chosen, how)
     return chosen
 
 

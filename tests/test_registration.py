@@ -101,3 +101,17 @@ def test_compile_fullgraph_matches_eager(device, backend):
         compiled = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
     for index, (expected, actual) in enumerate(zip(eager, compiled)):
         assert_close(actual, expected, torch.float32, f"compiled vs eager, output/gradient {index}")
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_compile_fullgraph_on_first_call(device, backend, monkeypatch):
+    """Compiling before any eager call: choosing and logging the backend must not break the graph."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(deco_kernels.backend, "_logged", set())
+    model = _EveryOp(4).to(device)
+    query = torch.randn(2, 4, 3, 3, device=device)
+    memory = torch.randn(2, 4, 7, 8, device=device)
+    with deco_kernels.use_backend(backend):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(query, memory)
+        eager = model(query, memory)
+    assert_close(compiled, eager, torch.float32, "compiled on first call vs eager")
