@@ -111,8 +111,11 @@ def demo_config() -> TrainConfig:
     """A small DECO that trains on the synthetic shapes dataset from scratch within minutes on a CPU.
 
     Deviations from the COCO recipe, and why:
-    - images 128 px (train scales 112..144, crops of 96..128 px from 112..144 px resizes, eval 128, longer
-      side <= 160) instead of 480..800: the synthetic images are 128 px and the CPU budget is minutes.
+    - images 128 px for training and evaluation, instead of 480..800: the synthetic images are 128 px and
+      the CPU budget is minutes. Only the horizontal flip is random — no multi-scale resize and no random
+      crop — so no batch is ever padded: the model does not use the padding mask, so padding shifts the
+      frame the normalised boxes live in, and in our CPU runs fixed-size batches reached AP50 0.12 after
+      720 steps where DETR's scaled-down multi-scale + crop augmentation reached 0.05.
     - ResNet-18 with trainable BatchNorm and no frozen stages (``backbone_norm="batch"``,
       ``freeze_backbone_stages=0``), no pretrained weights: nothing downloads, and a frozen, randomly
       initialised stem would never learn.
@@ -127,10 +130,10 @@ def demo_config() -> TrainConfig:
       dropping x0.1 after 80% of it.
     """
     return TrainConfig(
-        train_scales=tuple(range(112, 145, 16)),
-        max_size=160,
-        crop_resize=(112, 128, 144),
-        crop_range=(96, 128),
+        train_scales=(128,),
+        max_size=128,
+        crop_resize=(128,),
+        crop_range=(128, 128),  # a full-size crop: the crop branch changes nothing
         eval_size=128,
         num_workers=0,
         backbone="resnet18",
