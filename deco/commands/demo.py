@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         "print AP / AP50. Uses CUDA with the fused kernels when a GPU is present, else the CPU with stock layers.",
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (data/, run/, demo_result.json)")
-    parser.add_argument("--minutes", type=float, default=12.0, help="wall-time budget for everything")
+    parser.add_argument("--minutes", type=float, default=13.5, help="wall-time budget for everything (data, training, evaluation)")
     parser.add_argument("--num-images", type=int, default=1200, help="synthetic images to create (20%% val)")
     parser.add_argument("--image-size", type=int, default=128, help="side of the square synthetic images")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
