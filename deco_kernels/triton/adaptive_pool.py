@@ -61,6 +61,57 @@ def _unflatten(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _window(i, in_size, out_size):
+    """``[floor(i*in/out), ceil((i+1)*in/out))``: the input rows (or columns) that output row ``i`` pools.
+
+    With the roles swapped, ``_window(h, OH, H)`` is the range of output rows whose windows contain input row h.
+    """
+    start = (i * in_size) // out_size
+    end = ((i + 1) * in_size + out_size - 1) // out_size
+    return start, end
+
+
+@triton.jit
+def _plane_offset(b, c, stride_b, stride_c):
+    """64-bit memory offset of plane (b, c) of a strided 4-D tensor."""
+    return b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c
+
+
+@triton.jit
+def _offset(b, c, h, w, stride_b, stride_c, stride_h, stride_w):
+    """64-bit memory offset of element (b, c, h, w) of a strided 4-D tensor."""
+    return _plane_offset(b, c, stride_b, stride_c) + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
+
+
+@triton.jit
+def _max_pool_gather(
+    grad_y_ptr, indices_ptr, b, c, h, w, valid,
+    H, W, OH, OW,
+    g_stride_b, g_stride_c, g_stride_h, g_stride_w,
+    i_stride_b, i_stride_c, i_stride_h, i_stride_w,
+    max_windows_h, max_windows_w,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """fp32 sum of ``grad_y`` over the windows containing input pixel (b, c, h, w) whose argmax it is."""
+    i_start, i_end = _window(h, OH, H)
+    j_start, j_end = _window(w, OW, W)
+    me = (h * W + w).to(tl.int64)
+    g_plane = grad_y_ptr + _plane_offset(b, c, g_stride_b, g_stride_c)
+    i_plane = indices_ptr + _plane_offset(b, c, i_stride_b, i_stride_c)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for di in range(0, max_windows_h):
+        i = (i_start + di).to(tl.int64)
+        row_ok = valid & (i < i_end)
+        for dj in range(0, max_windows_w):
+            j = (j_start + dj).to(tl.int64)
+            inside = row_ok & (j < j_end)
+            chosen = tl.load(i_plane + i * i_stride_h + j * i_stride_w, mask=inside, other=-1)
+            grad = tl.load(g_plane + i * g_stride_h + j * g_stride_w, mask=inside & (chosen == me), other=0.0)
+            acc += grad.to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _adaptive_max_pool2d_forward_kernel(
     x_ptr, y_ptr, indices_ptr,
     total, C, H, W, OH, OW,
@@ -72,11 +123,9 @@ def _adaptive_max_pool2d_forward_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     b, c, i, j = _unflatten(offs, C, OH, OW, CHANNELS_LAST)
-    h_start = (i * H) // OH
-    h_end = ((i + 1) * H + OH - 1) // OH
-    w_start = (j * W) // OW
-    w_end = ((j + 1) * W + OW - 1) // OW
-    x_plane = x_ptr + b.to(tl.int64) * x_stride_b + c.to(tl.int64) * x_stride_c
+    h_start, h_end = _window(i, H, OH)
+    w_start, w_end = _window(j, W, OW)
+    x_plane = x_ptr + _plane_offset(b, c, x_stride_b, x_stride_c)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     # An all -inf window reports its first element, like PyTorch.
     best_index = h_start * W + w_start
@@ -93,12 +142,7 @@ def _adaptive_max_pool2d_forward_kernel(
             take = inside & ((value > best) | (value != value))
             best = tl.where(take, value, best)
             best_index = tl.where(take, h * W + w, best_index)
-    y_offset = (
-        b.to(tl.int64) * y_stride_b
-        + c.to(tl.int64) * y_stride_c
-        + i.to(tl.int64) * y_stride_h
-        + j.to(tl.int64) * y_stride_w
-    )
+    y_offset = _offset(b, c, i, j, y_stride_b, y_stride_c, y_stride_h, y_stride_w)
     tl.store(y_ptr + y_offset, best.to(y_ptr.dtype.element_ty), mask=valid)
     tl.store(indices_ptr + y_offset, best_index.to(tl.int64), mask=valid)
 
@@ -116,29 +160,15 @@ def _adaptive_max_pool2d_backward_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     b, c, h, w = _unflatten(offs, C, H, W, CHANNELS_LAST)
-    i_start = (h * OH) // H
-    i_end = ((h + 1) * OH + H - 1) // H
-    j_start = (w * OW) // W
-    j_end = ((w + 1) * OW + W - 1) // W
-    me = (h * W + w).to(tl.int64)
-    g_plane = grad_y_ptr + b.to(tl.int64) * g_stride_b + c.to(tl.int64) * g_stride_c
-    i_plane = indices_ptr + b.to(tl.int64) * i_stride_b + c.to(tl.int64) * i_stride_c
-    acc = tl.zeros([BLOCK], tl.float32)
-    for di in range(0, max_windows_h):
-        i = (i_start + di).to(tl.int64)
-        row_ok = valid & (i < i_end)
-        for dj in range(0, max_windows_w):
-            j = (j_start + dj).to(tl.int64)
-            inside = row_ok & (j < j_end)
-            chosen = tl.load(i_plane + i * i_stride_h + j * i_stride_w, mask=inside, other=-1)
-            grad = tl.load(g_plane + i * g_stride_h + j * g_stride_w, mask=inside & (chosen == me), other=0.0)
-            acc += grad.to(tl.float32)
-    x_offset = (
-        b.to(tl.int64) * x_stride_b
-        + c.to(tl.int64) * x_stride_c
-        + h.to(tl.int64) * x_stride_h
-        + w.to(tl.int64) * x_stride_w
-    )
+    acc = _max_pool_gather(
+        grad_y_ptr, indices_ptr, b, c, h, w, valid,
+        H, W, OH, OW,
+        g_stride_b, g_stride_c, g_stride_h, g_stride_w,
+        i_stride_b, i_stride_c, i_stride_h, i_stride_w,
+        max_windows_h, max_windows_w,
+        BLOCK,
+    )  # fmt: skip
+    x_offset = _offset(b, c, h, w, x_stride_b, x_stride_c, x_stride_h, x_stride_w)
     tl.store(grad_x_ptr + x_offset, acc.to(grad_x_ptr.dtype.element_ty), mask=valid)
 
 
@@ -154,11 +184,9 @@ def _adaptive_avg_pool2d_forward_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     b, c, i, j = _unflatten(offs, C, OH, OW, CHANNELS_LAST)
-    h_start = (i * H) // OH
-    h_end = ((i + 1) * H + OH - 1) // OH
-    w_start = (j * W) // OW
-    w_end = ((j + 1) * W + OW - 1) // OW
-    x_plane = x_ptr + b.to(tl.int64) * x_stride_b + c.to(tl.int64) * x_stride_c
+    h_start, h_end = _window(i, H, OH)
+    w_start, w_end = _window(j, W, OW)
+    x_plane = x_ptr + _plane_offset(b, c, x_stride_b, x_stride_c)
     acc = tl.zeros([BLOCK], tl.float32)
     for dh in range(0, max_window_h):
         h = h_start + dh
@@ -169,12 +197,7 @@ def _adaptive_avg_pool2d_forward_kernel(
             inside = row_ok & (w < w_end)
             acc += tl.load(row + w.to(tl.int64) * x_stride_w, mask=inside, other=0.0).to(tl.float32)
     area = ((h_end - h_start) * (w_end - w_start)).to(tl.float32)
-    y_offset = (
-        b.to(tl.int64) * y_stride_b
-        + c.to(tl.int64) * y_stride_c
-        + i.to(tl.int64) * y_stride_h
-        + j.to(tl.int64) * y_stride_w
-    )
+    y_offset = _offset(b, c, i, j, y_stride_b, y_stride_c, y_stride_h, y_stride_w)
     tl.store(y_ptr + y_offset, (acc / area).to(y_ptr.dtype.element_ty), mask=valid)
 
 
@@ -190,30 +213,23 @@ def _adaptive_avg_pool2d_backward_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     b, c, h, w = _unflatten(offs, C, H, W, CHANNELS_LAST)
-    i_start = (h * OH) // H
-    i_end = ((h + 1) * OH + H - 1) // H
-    j_start = (w * OW) // W
-    j_end = ((w + 1) * OW + W - 1) // W
-    g_plane = grad_y_ptr + b.to(tl.int64) * g_stride_b + c.to(tl.int64) * g_stride_c
+    i_start, i_end = _window(h, OH, H)
+    j_start, j_end = _window(w, OW, W)
+    g_plane = grad_y_ptr + _plane_offset(b, c, g_stride_b, g_stride_c)
     acc = tl.zeros([BLOCK], tl.float32)
     for di in range(0, max_windows_h):
         i = i_start + di
         row_ok = valid & (i < i_end)
-        window_h = ((i + 1) * H + OH - 1) // OH - (i * H) // OH
+        window_h_start, window_h_end = _window(i, H, OH)
         for dj in range(0, max_windows_w):
             j = j_start + dj
             inside = row_ok & (j < j_end)
-            window_w = ((j + 1) * W + OW - 1) // OW - (j * W) // OW
+            window_w_start, window_w_end = _window(j, W, OW)
             grad = tl.load(
                 g_plane + i.to(tl.int64) * g_stride_h + j.to(tl.int64) * g_stride_w, mask=inside, other=0.0
             ).to(tl.float32)
-            acc += grad / (window_h * window_w).to(tl.float32)
-    x_offset = (
-        b.to(tl.int64) * x_stride_b
-        + c.to(tl.int64) * x_stride_c
-        + h.to(tl.int64) * x_stride_h
-        + w.to(tl.int64) * x_stride_w
-    )
+            acc += grad / ((window_h_end - window_h_start) * (window_w_end - window_w_start)).to(tl.float32)
+    x_offset = _offset(b, c, h, w, x_stride_b, x_stride_c, x_stride_h, x_stride_w)
     tl.store(grad_x_ptr + x_offset, acc.to(grad_x_ptr.dtype.element_ty), mask=valid)
 
 

@@ -27,8 +27,12 @@ from deco_kernels.triton.adaptive_pool import (
     _check_index_range,
     _config,
     _grid,
+    _max_pool_gather,
     _max_span,
+    _offset,
+    _plane_offset,
     _unflatten,
+    _window,
 )
 
 __all__ = ["aot_cases", "scale_residual_max_pool_backward", "scale_residual_max_pool_forward"]
@@ -53,13 +57,11 @@ def _scale_residual_max_pool_forward_kernel(
     valid = offs < total
     # Channels innermost: consecutive lanes read consecutive channels of z and ffn.
     b, c, i, j = _unflatten(offs, C, OH, OW, True)
-    h_start = (i * H) // OH
-    h_end = ((i + 1) * H + OH - 1) // OH
-    w_start = (j * W) // OW
-    w_end = ((j + 1) * W + OW - 1) // OW
+    h_start, h_end = _window(i, H, OH)
+    w_start, w_end = _window(j, W, OW)
     gamma = tl.load(gamma_ptr + c, mask=valid, other=0.0)
-    z_pixel = z_ptr + b.to(tl.int64) * z_stride_b + c.to(tl.int64) * z_stride_c
-    f_pixel = ffn_ptr + b.to(tl.int64) * f_stride_b + c.to(tl.int64) * f_stride_c
+    z_pixel = z_ptr + _plane_offset(b, c, z_stride_b, z_stride_c)
+    f_pixel = ffn_ptr + _plane_offset(b, c, f_stride_b, f_stride_c)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = h_start * W + w_start
     best_ffn = tl.zeros([BLOCK], tl.float32)
@@ -76,12 +78,7 @@ def _scale_residual_max_pool_forward_kernel(
             best = tl.where(take, value, best)
             best_index = tl.where(take, h * W + w, best_index)
             best_ffn = tl.where(take, f_value.to(tl.float32), best_ffn)
-    y_offset = (
-        b.to(tl.int64) * y_stride_b
-        + c.to(tl.int64) * y_stride_c
-        + i.to(tl.int64) * y_stride_h
-        + j.to(tl.int64) * y_stride_w
-    )
+    y_offset = _offset(b, c, i, j, y_stride_b, y_stride_c, y_stride_h, y_stride_w)
     tl.store(y_ptr + y_offset, best.to(y_ptr.dtype.element_ty), mask=valid)
     tl.store(indices_ptr + y_offset, best_index.to(tl.int64), mask=valid)
     tl.store(picked_ffn_ptr + y_offset, best_ffn.to(picked_ffn_ptr.dtype.element_ty), mask=valid)
@@ -100,23 +97,14 @@ def _scale_residual_max_pool_backward_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     b, c, h, w = _unflatten(offs, C, H, W, True)
-    i_start = (h * OH) // H
-    i_end = ((h + 1) * OH + H - 1) // H
-    j_start = (w * OW) // W
-    j_end = ((w + 1) * OW + W - 1) // W
-    me = (h * W + w).to(tl.int64)
-    g_plane = grad_y_ptr + b.to(tl.int64) * g_stride_b + c.to(tl.int64) * g_stride_c
-    i_plane = indices_ptr + b.to(tl.int64) * i_stride_b + c.to(tl.int64) * i_stride_c
-    grad_sum = tl.zeros([BLOCK], tl.float32)
-    for di in range(0, max_windows_h):
-        i = (i_start + di).to(tl.int64)
-        row_ok = valid & (i < i_end)
-        for dj in range(0, max_windows_w):
-            j = (j_start + dj).to(tl.int64)
-            inside = row_ok & (j < j_end)
-            chosen = tl.load(i_plane + i * i_stride_h + j * i_stride_w, mask=inside, other=-1)
-            grad = tl.load(g_plane + i * g_stride_h + j * g_stride_w, mask=inside & (chosen == me), other=0.0)
-            grad_sum += grad.to(tl.float32)
+    grad_sum = _max_pool_gather(
+        grad_y_ptr, indices_ptr, b, c, h, w, valid,
+        H, W, OH, OW,
+        g_stride_b, g_stride_c, g_stride_h, g_stride_w,
+        i_stride_b, i_stride_c, i_stride_h, i_stride_w,
+        max_windows_h, max_windows_w,
+        BLOCK,
+    )  # fmt: skip
     gamma = tl.load(gamma_ptr + c, mask=valid, other=0.0)
     offs64 = offs.to(tl.int64)
     tl.store(grad_z_ptr + offs64, grad_sum.to(grad_z_ptr.dtype.element_ty), mask=valid)
