@@ -61,6 +61,15 @@ def _unflatten(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _block_elements(total, C, H, W, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK flat element numbers of a B x C x H x W tensor (in CHANNELS_LAST or NCHW order),
+    whether each is < total, and their (b, c, h, w)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b, c, h, w = _unflatten(offs, C, H, W, CHANNELS_LAST)
+    return offs, offs < total, b, c, h, w
+
+
+@triton.jit
 def _window(i, in_size, out_size):
     """``[floor(i*in/out), ceil((i+1)*in/out))``: the input rows (or columns) that output row ``i`` pools.
 
@@ -120,9 +129,7 @@ def _adaptive_max_pool2d_forward_kernel(
     max_window_h, max_window_w,
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < total
-    b, c, i, j = _unflatten(offs, C, OH, OW, CHANNELS_LAST)
+    _, valid, b, c, i, j = _block_elements(total, C, OH, OW, CHANNELS_LAST, BLOCK)
     h_start, h_end = _window(i, H, OH)
     w_start, w_end = _window(j, W, OW)
     x_plane = x_ptr + _plane_offset(b, c, x_stride_b, x_stride_c)
@@ -157,9 +164,7 @@ def _adaptive_max_pool2d_backward_kernel(
     max_windows_h, max_windows_w,
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < total
-    b, c, h, w = _unflatten(offs, C, H, W, CHANNELS_LAST)
+    _, valid, b, c, h, w = _block_elements(total, C, H, W, CHANNELS_LAST, BLOCK)
     acc = _max_pool_gather(
         grad_y_ptr, indices_ptr, b, c, h, w, valid,
         H, W, OH, OW,
@@ -181,9 +186,7 @@ def _adaptive_avg_pool2d_forward_kernel(
     max_window_h, max_window_w,
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < total
-    b, c, i, j = _unflatten(offs, C, OH, OW, CHANNELS_LAST)
+    _, valid, b, c, i, j = _block_elements(total, C, OH, OW, CHANNELS_LAST, BLOCK)
     h_start, h_end = _window(i, H, OH)
     w_start, w_end = _window(j, W, OW)
     x_plane = x_ptr + _plane_offset(b, c, x_stride_b, x_stride_c)
@@ -210,9 +213,7 @@ def _adaptive_avg_pool2d_backward_kernel(
     max_windows_h, max_windows_w,
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < total
-    b, c, h, w = _unflatten(offs, C, H, W, CHANNELS_LAST)
+    _, valid, b, c, h, w = _block_elements(total, C, H, W, CHANNELS_LAST, BLOCK)
     i_start, i_end = _window(h, OH, H)
     j_start, j_end = _window(w, OW, W)
     g_plane = grad_y_ptr + _plane_offset(b, c, g_stride_b, g_stride_c)

@@ -24,6 +24,7 @@ import triton.language as tl
 from deco_kernels.ops._common import empty_output
 from deco_kernels.triton.adaptive_pool import (
     CONFIGS,
+    _block_elements,
     _check_index_range,
     _config,
     _grid,
@@ -31,7 +32,6 @@ from deco_kernels.triton.adaptive_pool import (
     _max_span,
     _offset,
     _plane_offset,
-    _unflatten,
     _window,
 )
 
@@ -53,10 +53,8 @@ def _scale_residual_max_pool_forward_kernel(
     max_window_h, max_window_w,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < total
     # Channels innermost: consecutive lanes read consecutive channels of z and ffn.
-    b, c, i, j = _unflatten(offs, C, OH, OW, True)
+    _, valid, b, c, i, j = _block_elements(total, C, OH, OW, True, BLOCK)
     h_start, h_end = _window(i, H, OH)
     w_start, w_end = _window(j, W, OW)
     gamma = tl.load(gamma_ptr + c, mask=valid, other=0.0)
@@ -94,9 +92,7 @@ def _scale_residual_max_pool_backward_kernel(
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     # grad_z and grad_ffn are dense B x H x W x C, so the flat element number is also their memory offset.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < total
-    b, c, h, w = _unflatten(offs, C, H, W, True)
+    offs, valid, b, c, h, w = _block_elements(total, C, H, W, True, BLOCK)
     grad_sum = _max_pool_gather(
         grad_y_ptr, indices_ptr, b, c, h, w, valid,
         H, W, OH, OW,
