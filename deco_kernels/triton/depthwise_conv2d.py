@@ -111,6 +111,28 @@ def nearest_scale(in_size: int, out_size: int) -> float:
 
 
 @triton.jit
+def _tile_ranges(
+    n_c_blocks, n_h_blocks, n_w_blocks, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr
+):
+    """This program's batch index (int64) and its channel, row and column ranges (BLOCK_C, BLOCK_H, BLOCK_W).
+
+    Programs are numbered column block fastest, then row block, channel block and batch.
+    """
+    pid = tl.program_id(0)
+    pid_w = pid % n_w_blocks
+    rest = pid // n_w_blocks
+    pid_h = rest % n_h_blocks
+    rest = rest // n_h_blocks
+    pid_c = rest % n_c_blocks
+    b = (rest // n_c_blocks).to(tl.int64)
+
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    ws = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    return b, cs, hs, ws
+
+
+@triton.jit
 def _nearest_source(dst, scale, in_size):
     """PyTorch's legacy nearest rule ``min(floor(dst * scale), in_size - 1)`` with an fp32 scale (dst >= 0)."""
     src = (dst.to(tl.float32) * scale).to(tl.int32)
@@ -135,17 +157,7 @@ def _conv_forward_kernel(
     query (never materialised). FLIP correlates with the kernel rotated by 180 degrees: the input gradient of
     a 'same' odd convolution.
     """
-    pid = tl.program_id(0)
-    pid_w = pid % n_w_blocks
-    rest = pid // n_w_blocks
-    pid_h = rest % n_h_blocks
-    rest = rest // n_h_blocks
-    pid_c = rest % n_c_blocks
-    b = (rest // n_c_blocks).to(tl.int64)
-
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    ws = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    b, cs, hs, ws = _tile_ranges(n_c_blocks, n_h_blocks, n_w_blocks, BLOCK_C, BLOCK_H, BLOCK_W)
     c_ok = cs[:, None, None] < C
     x_channels = x_ptr + b * sx_b + cs[:, None, None] * sx_c
     m_channels = m_ptr + b * sm_b + cs[:, None, None] * sm_c

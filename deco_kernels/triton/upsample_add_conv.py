@@ -22,6 +22,7 @@ from deco_kernels.ops import _common
 from deco_kernels.triton.depthwise_conv2d import (
     TILES,
     _nearest_source,
+    _tile_ranges,
     aot_signature,
     check_parameters,
     conv_aot_cases,
@@ -56,17 +57,7 @@ def _upsample_grad_kernel(
     of fp32 rounding either way, so ``foot_h`` = ceil(H / Hq) + 2 candidate rows from one before it cover it;
     each candidate is kept only if the nearest rule maps it to qh (the same rule as the forward).
     """
-    pid = tl.program_id(0)
-    pid_w = pid % n_w_blocks
-    rest = pid // n_w_blocks
-    pid_h = rest % n_h_blocks
-    rest = rest // n_h_blocks
-    pid_c = rest % n_c_blocks
-    b = (rest // n_c_blocks).to(tl.int64)
-
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    qhs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    qws = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    b, cs, qhs, qws = _tile_ranges(n_c_blocks, n_h_blocks, n_w_blocks, BLOCK_C, BLOCK_H, BLOCK_W)
     c_ok = cs[:, None, None] < C
     h_first = (qhs * H + Hq - 1) // Hq - 1
     w_first = (qws * W + Wq - 1) // Wq - 1
