@@ -123,17 +123,22 @@ def check_same_dtype(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str,
         raise TypeError(f"{op}: {b_name} must have the same dtype as {a_name} ({a.dtype}); got {b.dtype}")
 
 
+def _check_floating_tensor_on(t: object, name: str, accepted: str, device: torch.device, op: str) -> None:
+    """``t`` must be a floating-point tensor on ``device``; ``accepted`` says what ``name`` may be, for the error."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be {accepted}; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point; got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on the same device as the input ({device}); got {t.device}")
+
+
 def check_depthwise_weight(weight: torch.Tensor, channels: int, device: torch.device, op: str) -> tuple[int, int]:
     """``weight`` must be a floating C x 1 x kh x kw tensor on ``device`` with odd kh, kw in 1..31.
 
     Returns (kh, kw).
     """
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{op}: weight must be a torch.Tensor; got {type(weight).__name__}")
-    if not weight.is_floating_point():
-        raise TypeError(f"{op}: weight must be floating point; got {weight.dtype}")
-    if weight.device != device:
-        raise ValueError(f"{op}: weight must be on the same device as the input ({device}); got {weight.device}")
+    _check_floating_tensor_on(weight, "weight", "a torch.Tensor", device, op)
     if weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(f"{op}: weight must have shape C x 1 x kh x kw; got {tuple(weight.shape)}")
     if weight.shape[0] != channels:
@@ -154,12 +159,7 @@ def check_bias(bias: torch.Tensor | None, channels: int, device: torch.device, o
     """``bias`` must be None or a floating tensor of shape (C,) on ``device``."""
     if bias is None:
         return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{op}: bias must be a torch.Tensor or None; got {type(bias).__name__}")
-    if not bias.is_floating_point():
-        raise TypeError(f"{op}: bias must be floating point; got {bias.dtype}")
-    if bias.device != device:
-        raise ValueError(f"{op}: bias must be on the same device as the input ({device}); got {bias.device}")
+    _check_floating_tensor_on(bias, "bias", "a torch.Tensor or None", device, op)
     if tuple(bias.shape) != (channels,):
         raise ValueError(f"{op}: bias must have shape ({channels},) (one per channel); got {tuple(bias.shape)}")
 
