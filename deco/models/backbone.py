@@ -161,6 +161,26 @@ class Backbone(nn.Module):
         self.body.load_state_dict({k: v for k, v in body_state.items() if k not in ignorable}, strict=True)
 
 
+def check_images_and_mask(images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate a detector's inputs: images B x 3 x H x W floating point; mask B x H x W bool (True = padding).
+
+    Returns the mask, all False (no padding) when ``mask`` is None.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a B x 3 x H x W tensor; got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor; got {images.dtype}")
+    batch, _, height, width = images.shape
+    if mask is None:
+        mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
+    elif mask.dtype != torch.bool or tuple(mask.shape) != (batch, height, width):
+        raise ValueError(
+            f"mask must be a bool tensor of shape {(batch, height, width)} (images' B x H x W); "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    return mask
+
+
 def build_backbone(
     name: str = "resnet50", norm: str = "frozen", freeze_stages: int | None = None, weights: str | None = None
 ) -> Backbone:

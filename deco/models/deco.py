@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from deco.models.backbone import BACKBONES, build_backbone
+from deco.models.backbone import BACKBONES, build_backbone, check_images_and_mask
 from deco.models.decoder import build_decoder
 from deco.models.encoder import build_encoder
 from deco.models.heads import build_heads
@@ -40,18 +40,7 @@ class DECO(nn.Module):
                 nn.init.xavier_uniform_(parameter)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a B x 3 x H x W tensor; got shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor; got {images.dtype}")
-        batch, _, height, width = images.shape
-        if mask is None:
-            mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
-        elif mask.dtype != torch.bool or tuple(mask.shape) != (batch, height, width):
-            raise ValueError(
-                f"mask must be a bool tensor of shape {(batch, height, width)} (images' B x H x W); "
-                f"got {mask.dtype} of shape {tuple(mask.shape)}"
-            )
+        mask = check_images_and_mask(images, mask)
         # The resized mask is returned by the backbone but, as in the release, used by nothing downstream.
         features, _ = self.backbone(images, mask)
         memory = self.encoder(self.input_proj(features))

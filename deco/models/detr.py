@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deco.models.backbone import build_backbone
+from deco.models.backbone import build_backbone, check_images_and_mask
 from deco.models.heads import MLP
 
 __all__ = ["DETR", "build_detr", "sine_position_encoding"]
@@ -145,18 +145,7 @@ class DETR(nn.Module):
         self.num_queries = num_queries
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a B x 3 x H x W tensor; got shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor; got {images.dtype}")
-        batch, _, height, width = images.shape
-        if mask is None:
-            mask = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
-        elif mask.dtype != torch.bool or tuple(mask.shape) != (batch, height, width):
-            raise ValueError(
-                f"mask must be a bool tensor of shape {(batch, height, width)} (images' B x H x W); "
-                f"got {mask.dtype} of shape {tuple(mask.shape)}"
-            )
+        mask = check_images_and_mask(images, mask)
         features, feature_mask = self.backbone(images, mask)
         src = self.input_proj(features)
         pos = sine_position_encoding(feature_mask, src.shape[1] // 2).to(src.dtype)
@@ -165,7 +154,7 @@ class DETR(nn.Module):
         padding_mask = feature_mask.flatten(1)
         for layer in self.encoder_layers:
             memory = layer(memory, pos, padding_mask)
-        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1).to(memory.dtype)
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(images.shape[0], -1, -1).to(memory.dtype)
         tgt = torch.zeros_like(query_pos)
         per_layer = []
         for layer in self.decoder_layers:
