@@ -30,17 +30,21 @@ __all__ = ["ResultsFile", "add_speedups", "environment", "load", "merge", "valid
 
 MICRO_PASSES = ("fwd", "bwd", "fwd+bwd")
 E2E_PASSES = ("train_step", "infer")
-_MICRO_FIELDS = {
-    "op": str,
-    "group": str,
-    "provider": str,
-    "shape": dict,
+# Fields of every timing record, micro or end to end.
+_TIMING_FIELDS = {
     "dtype": str,
     "pass": str,
     "median_ms": float,
     "p20_ms": float,
     "p80_ms": float,
     "runs": int,
+}
+_MICRO_FIELDS = {
+    "op": str,
+    "group": str,
+    "provider": str,
+    "shape": dict,
+    **_TIMING_FIELDS,
     "gb_per_s": float,
     "gflop_per_s": float,
     "roofline_pct": float,
@@ -52,12 +56,7 @@ _E2E_FIELDS = {
     "provider": str,
     "batch": int,
     "image_size": list,
-    "dtype": str,
-    "pass": str,
-    "median_ms": float,
-    "p20_ms": float,
-    "p80_ms": float,
-    "runs": int,
+    **_TIMING_FIELDS,
     "images_per_s": float,
     "peak_mem_gb": (float, type(None)),
     "speedup": dict,
