@@ -61,6 +61,11 @@ ADAPTIVE_POOL_CASES = [
 ]
 
 
+def case_id(case) -> str:
+    """A pytest id for a shape tuple, e.g. ``1x3x25x42x10x10``."""
+    return "x".join(map(str, case))
+
+
 def make_input(shape, dtype: torch.dtype, layout: str, device="cpu", generator=None) -> torch.Tensor:
     """A random B x C x H x W tensor in the given layout.
 

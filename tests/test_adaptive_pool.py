@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from kernel_cases import ADAPTIVE_POOL_CASES, LAYOUTS, assert_close, make_input
+from kernel_cases import ADAPTIVE_POOL_CASES, LAYOUTS, assert_close, case_id, make_input
 
 from deco_kernels import reference
 from deco_kernels.backend import available_backends
@@ -48,10 +48,6 @@ def _poison():
     # Every output buffer starts as NaN (indices as -1), so an element a kernel skips cannot pass.
     with poisoned_outputs():
         yield
-
-
-def _case_id(case):
-    return "x".join(map(str, case))
 
 
 def _reference_grad(pool, x, output_size, grad_y):
@@ -97,7 +93,7 @@ def _check_avg(x, output_size, backend, dtype):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=case_id)
 def test_fp32_every_case_and_layout(target, case, layout):
     device, backend = target
     b, c, h, w, out_h, out_w = case
@@ -108,7 +104,7 @@ def test_fp32_every_case_and_layout(target, case, layout):
 
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("case", [ADAPTIVE_POOL_CASES[i] for i in (0, 1, 5)], ids=_case_id)
+@pytest.mark.parametrize("case", [ADAPTIVE_POOL_CASES[i] for i in (0, 1, 5)], ids=case_id)
 def test_low_precision(target, case, dtype, layout):
     device, backend = target
     b, c, h, w, out_h, out_w = case
@@ -118,7 +114,7 @@ def test_low_precision(target, case, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
-@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=case_id)
 def test_max_ties_pick_the_first_maximum(target, case, layout):
     """Values from {-2..2} make most windows tie; integer gradients make the routed sums exact."""
     device, backend = target

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from kernel_cases import ADAPTIVE_POOL_CASES, assert_close
+from kernel_cases import ADAPTIVE_POOL_CASES, assert_close, case_id
 
 from deco_kernels.backend import available_backends
 from deco_kernels.ops._common import poisoned_outputs
@@ -34,10 +34,6 @@ def device(request):
 def _poison():
     with poisoned_outputs():
         yield
-
-
-def _case_id(case):
-    return "x".join(map(str, case))
 
 
 def _inputs(case, dtype, device, integer=False):
@@ -80,18 +76,18 @@ def _check(case, dtype, device, integer=False):
         assert_close(grad, expected, dtype, name)
 
 
-@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=case_id)
 def test_fp32_every_case(device, case):
     _check(case, torch.float32, device)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("case", [ADAPTIVE_POOL_CASES[i] for i in (0, 1)], ids=_case_id)
+@pytest.mark.parametrize("case", [ADAPTIVE_POOL_CASES[i] for i in (0, 1)], ids=case_id)
 def test_low_precision(device, case, dtype):
     _check(case, dtype, device)
 
 
-@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", ADAPTIVE_POOL_CASES, ids=case_id)
 def test_ties_route_to_the_first_maximum_exactly(device, case):
     """Integer z/ffn and gamma in {-1, 0.5, 2} make the sums exact and most windows tie: the argmax, the pooled
     values and every (integer-valued) gradient must equal torch's exactly."""
