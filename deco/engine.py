@@ -270,12 +270,15 @@ class Trainer:
 
             if self.step % config.log_every == 0 or self.epoch_step == self.steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
-                reduced = {k: distributed.all_reduce_mean(v.detach()).item() for k, v in losses.items()}
+                # One collective and one host sync for everything logged, not one per loss term.
+                logged = [k for k in ("loss_ce", "loss_bbox", "loss_giou") if k in losses]
+                values = distributed.all_reduce_mean(torch.stack([loss.detach(), *(losses[k].detach() for k in logged)]))
+                total, *terms = values.tolist()
                 record = {
                     "epoch": self.epoch,
                     "step": self.step,
-                    "loss": distributed.all_reduce_mean(loss.detach()).item(),
-                    **{k: v for k, v in reduced.items() if k in ("loss_ce", "loss_bbox", "loss_giou")},
+                    "loss": total,
+                    **dict(zip(logged, terms)),
                     "lr": self.optimizer.param_groups[-1]["lr"],
                     "images_per_s": images_seen / max(elapsed, 1e-9),
                 }
