@@ -16,7 +16,7 @@ from torch import nn
 from deco_kernels import ops
 from deco_kernels.ops import _common
 
-__all__ = ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "DepthwiseConv2d", "UpsampleAddConv"]
+__all__ = ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "DepthwiseConv2d", "ScaleResidualMaxPool2d", "UpsampleAddConv"]
 
 
 class _DepthwiseParameters(nn.Module):
@@ -102,31 +102,38 @@ class UpsampleAddConv(_DepthwiseParameters):
         return ops.upsample_add_conv(query, memory, self.weight, self.bias, backend=self.backend)
 
 
-class AdaptiveMaxPool2d(nn.Module):
-    """``nn.AdaptiveMaxPool2d(output_size)`` (no indices): B x C x H x W -> B x C x oh x ow."""
+class _OutputSizeModule(nn.Module):
+    """A parameter-free pooling module: the output grid ``(oh, ow)`` (None keeps that input dim) and a backend."""
 
     def __init__(self, output_size: int | tuple[int | None, int | None], *, backend: str | None = None) -> None:
         super().__init__()
         self.output_size = output_size
         self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class AdaptiveMaxPool2d(_OutputSizeModule):
+    """``nn.AdaptiveMaxPool2d(output_size)`` (no indices): B x C x H x W -> B x C x oh x ow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.adaptive_max_pool2d(x, self.output_size, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"output_size={self.output_size}"
 
-
-class AdaptiveAvgPool2d(nn.Module):
+class AdaptiveAvgPool2d(_OutputSizeModule):
     """``nn.AdaptiveAvgPool2d(output_size)``: B x C x H x W -> B x C x oh x ow."""
-
-    def __init__(self, output_size: int | tuple[int | None, int | None], *, backend: str | None = None) -> None:
-        super().__init__()
-        self.output_size = output_size
-        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.adaptive_avg_pool2d(x, self.output_size, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"output_size={self.output_size}"
+
+class ScaleResidualMaxPool2d(_OutputSizeModule):
+    """DECO's CIM back end: forward(z, ffn, gamma) -> ``adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2))``.
+
+    z, ffn: B x H x W x C (channels innermost, as the CIM's Linear layers leave them); gamma: C (the layer scale,
+    owned by the caller). Returns B x C x oh x ow (channels-last memory format) without writing the sum.
+    """
+
+    def forward(self, z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return ops.scale_residual_max_pool(z, ffn, gamma, self.output_size, backend=self.backend)

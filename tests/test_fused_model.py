@@ -41,7 +41,7 @@ def test_fused_model_matches_stock():
     torch.manual_seed(0)
     stock = models.build_deco(kernels="stock", **TINY)
     fused = models.build_deco(kernels="fused", **TINY)
-    for module_class in (fused_nn.DepthwiseConv2d, fused_nn.UpsampleAddConv, fused_nn.AdaptiveMaxPool2d):
+    for module_class in (fused_nn.DepthwiseConv2d, fused_nn.UpsampleAddConv, fused_nn.ScaleResidualMaxPool2d):
         assert any(isinstance(module, module_class) for module in fused.modules()), module_class.__name__
     assert list(fused.state_dict()) == list(stock.state_dict())
     fused.load_state_dict(stock.state_dict())

@@ -89,6 +89,19 @@ def test_pooling_modules_match_torch(module_class, stock_class):
         assert_close(out, stock_class((10, 4))(x), torch.float32, f"{module_class.__name__} ({backend})")
 
 
+def test_scale_residual_max_pool_module_matches_the_stock_cim_back_end():
+    """The fused CIM back end and the model's stock one are the same function of (z, ffn, gamma)."""
+    from deco.models.layers import StockScaleResidualMaxPool
+
+    z, ffn = torch.randn(2, 25, 14, 3, dtype=torch.float64), torch.randn(2, 25, 14, 3, dtype=torch.float64)
+    gamma = torch.randn(3, dtype=torch.float64)
+    expected = StockScaleResidualMaxPool((10, 4))(z, ffn, gamma)
+    assert torch.equal(expected, F.adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), (10, 4)))
+    for backend in ("torch", "triton"):
+        out = fused_nn.ScaleResidualMaxPool2d((10, 4), backend=backend)(z.float(), ffn.float(), gamma.float())
+        assert_close(out, expected, torch.float32, f"ScaleResidualMaxPool2d ({backend})")
+
+
 def test_backend_follows_the_process_setting():
     """backend=None reads the process setting at call time, so a built model can be switched later."""
     module = fused_nn.UpsampleAddConv(2, 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deco.models.layers import ConvFFN, adaptive_max_pool, depthwise_conv, upsample_add_conv
+from deco.models.layers import ConvFFN, depthwise_conv, scale_residual_max_pool, upsample_add_conv
 
 
 class SelfInteraction(nn.Module):
@@ -30,8 +30,10 @@ class CrossInteraction(nn.Module):
     """CIM: fuse the query map with the encoder memory, then pool back to the query grid.
 
     ``u = upsample_nearest(t, H x W)``; ``y = dwconv(u + memory) + u``; ``z = LN(y)`` (eps 1e-6);
-    ``o = z + ffn(z)`` (residual on the normalised z); ``t' = adaptive_max_pool(o, (qh, qw))``.
+    ``o = z + gamma * ffn(z)`` (residual on the normalised z); ``t' = adaptive_max_pool(o, (qh, qw))``.
     t: B x d x qh x qw, memory: B x d x H x W -> B x d x qh x qw.
+    With ``kernels="fused"`` the front (u, y) and the back end (o, the pooling) are each one fused op, so
+    neither u + memory nor o is written at full resolution.
     """
 
     def __init__(
@@ -41,11 +43,11 @@ class CrossInteraction(nn.Module):
         self.dwconv = upsample_add_conv(d_model, kernel_size, kernels)
         self.norm = nn.LayerNorm(d_model, eps=1e-6)
         self.ffn = ConvFFN(d_model, ffn_ratio)
-        self.pool = adaptive_max_pool(query_grid, kernels)
+        self.pool = scale_residual_max_pool(query_grid, kernels)
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        fused = self.norm(self.dwconv(query, memory).permute(0, 2, 3, 1))
-        return self.pool((fused + self.ffn(fused)).permute(0, 3, 1, 2))
+        normed = self.norm(self.dwconv(query, memory).permute(0, 2, 3, 1))
+        return self.pool(normed, self.ffn.unscaled(normed), self.ffn.gamma)
 
 
 class DecoderLayer(nn.Module):

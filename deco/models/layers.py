@@ -67,13 +67,24 @@ def upsample_add_conv(channels: int, kernel_size: int, kernels: str) -> nn.Modul
     return StockUpsampleAddConv(channels, kernel_size)
 
 
-def adaptive_max_pool(output_size: tuple[int, int], kernels: str) -> nn.Module:
-    """Adaptive max pooling B x C x H x W -> B x C x oh x ow (PyTorch's window rule)."""
-    if check_kernels(kernels) == "fused":
-        from deco_kernels.nn import AdaptiveMaxPool2d
+class StockScaleResidualMaxPool(nn.AdaptiveMaxPool2d):
+    """The CIM back end in plain PyTorch: ``adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2))``.
 
-        return AdaptiveMaxPool2d(output_size)
-    return nn.AdaptiveMaxPool2d(output_size)
+    forward(z B x H x W x C, ffn B x H x W x C, gamma C) -> B x C x oh x ow; the same as
+    :class:`deco_kernels.nn.ScaleResidualMaxPool2d`, which never writes the full-resolution sum.
+    """
+
+    def forward(self, z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward((z + gamma * ffn).permute(0, 3, 1, 2))
+
+
+def scale_residual_max_pool(output_size: tuple[int, int], kernels: str) -> nn.Module:
+    """The CIM back end (see :class:`StockScaleResidualMaxPool`); forward(z, ffn, gamma)."""
+    if check_kernels(kernels) == "fused":
+        from deco_kernels.nn import ScaleResidualMaxPool2d
+
+        return ScaleResidualMaxPool2d(output_size)
+    return StockScaleResidualMaxPool(output_size)
 
 
 class ConvFFN(nn.Module):
@@ -89,5 +100,9 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(ffn_ratio * channels, channels)
         self.gamma = nn.Parameter(torch.full((channels,), layer_scale_init))
 
+    def unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        """``fc2(GELU(fc1(x)))`` without the layer scale, for callers that fuse ``gamma`` into what follows."""
+        return self.fc2(F.gelu(self.fc1(x)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gamma * self.fc2(F.gelu(self.fc1(x)))
+        return self.gamma * self.unscaled(x)
