@@ -59,3 +59,26 @@ def test_fused_model_matches_stock():
     assert set(actual_grads) == set(expected_grads)
     for name, grad in actual_grads.items():
         assert_close(grad, expected_grads[name], torch.float32, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_model_compiles_as_one_graph(backend):
+    """torch.compile(fullgraph=True) of the whole fused model: every kernel op traces (no graph break), and the
+    compiled forward and gradients equal eager ones. On the CPU "cuda" is the extension's CPU build."""
+    if backend not in deco_kernels.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} cannot run on the CPU here")
+    torch.manual_seed(0)
+    model = models.build_deco(kernels="fused", **TINY)
+    images = torch.randn(2, 3, 64, 96)
+    with deco_kernels.use_backend(backend):
+        with torch.no_grad():
+            weights = [torch.randn_like(out) for out in _flatten(model(images))]
+        expected, expected_grads = _run(model, images, weights)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        actual, actual_grads = _run(compiled, images, weights)
+    actual_grads = {name.removeprefix("_orig_mod."): grad for name, grad in actual_grads.items()}
+    for index, (out, ref) in enumerate(zip(actual, expected)):
+        assert_close(out, ref, torch.float32, f"compiled output {index}")
+    assert set(actual_grads) == set(expected_grads)
+    for name, grad in actual_grads.items():
+        assert_close(grad, expected_grads[name], torch.float32, f"compiled gradient of {name}")
