@@ -3,15 +3,14 @@ schema, and its report and target checker work on them. Timings are never assert
 """
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from subprocess_env import REPO, repo_environment
+
 sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the installed ones, not inside them
 
 from benchmarks import e2e, roofline  # noqa: E402
@@ -42,7 +41,7 @@ def test_microbenchmark_suite_runs_on_cpu(tmp_path):
         "--bench-out",
         str(out),
     ]
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    environment = repo_environment(OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     if not torch.cuda.is_available():

@@ -8,7 +8,6 @@ pip-built module) where one of its CPU kernels is compared with PyTorch.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cuda_build import ARCHES, _cuobjdump
+from test_cuda_build import ARCHES, sass_arches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +65,8 @@ def test_cmake_builds_a_working_module_for_sm80_and_sm90a(tmp_path):
         ["cmake", "--build", build, "-j", "2"], env=env, check=False, capture_output=True, text=True, timeout=900
     )
     assert build_result.returncode == 0, build_result.stdout[-3000:] + build_result.stderr[-3000:]
-    listing = subprocess.run([_cuobjdump(), "--list-elf", module], capture_output=True, text=True, check=True).stdout
-    cubins = sorted(set(re.findall(r"\.(sm_\w+)\.cubin", listing)))
-    assert cubins == sorted(ARCHES), f"cubins for {cubins}, expected {ARCHES}:\n{listing}"
+    arches = sass_arches(module)
+    assert arches == sorted(ARCHES), f"SASS for {arches}, expected {ARCHES}"
 
     check = f"""
 import torch, torch.nn.functional as F

@@ -85,12 +85,21 @@ def test_extension_was_built_and_registers_the_primitives():
         assert callable(getattr(_cuda, name))
 
 
-def test_fatbin_holds_sm80_and_sm90a_sass():
-    listing = subprocess.run(
-        [_cuobjdump(), "--list-elf", _extension_path()], capture_output=True, text=True, check=True
+def sass_arches(module: Path) -> list[str]:
+    """The architectures of the SASS (ELF) entries in a module's fatbin, e.g. ["sm_80", "sm_90a"].
+
+    Read from the entries' ``arch = ...`` headers, not from ``--list-elf``'s file names: the cuobjdump of
+    CUDA 12.8 (carried by triton 3.6) names an sm_90a cubin "kernels.sm_90.cubin".
+    """
+    text = subprocess.run(
+        [_cuobjdump(), "--dump-resource-usage", module], capture_output=True, text=True, check=True
     ).stdout
-    cubins = re.findall(r"\.(sm_\w+)\.cubin", listing)
-    assert sorted(set(cubins)) == sorted(ARCHES), f"cubins for {cubins}, expected {ARCHES}:\n{listing}"
+    return sorted(set(re.findall(r"^\s*arch = (sm_\w+)", text, flags=re.MULTILINE)))
+
+
+def test_fatbin_holds_sm80_and_sm90a_sass():
+    arches = sass_arches(_extension_path())
+    assert arches == sorted(ARCHES), f"SASS for {arches}, expected {ARCHES}"
 
 
 def _resource_usage() -> dict[str, dict[str, dict[str, int]]]:

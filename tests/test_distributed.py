@@ -2,13 +2,13 @@
 same weights as one process at batch 2b on the same data."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from subprocess_env import repo_environment
 
 from deco.checkpoint import load_checkpoint
 from deco.config import tiny_config
@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def run_deco_train(args: list[str], nproc: int, tmp_path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = repo_environment(OMP_NUM_THREADS="1")
     if nproc == 1:
         command = [sys.executable, "-m", "deco.cli", "train", *args]
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import pkgutil
 import re
 import subprocess
@@ -20,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from subprocess_env import repo_environment
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}  # GPUTarget("cuda", 90, 32) compiles for sm_90a
 SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
@@ -80,7 +80,7 @@ def _compile_all() -> dict[str, dict[str, dict]]:
 
 @pytest.fixture(scope="module")
 def report():
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    environment = repo_environment(TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, __file__], env=environment, capture_output=True, text=True,
                             timeout=COMPILE_TIMEOUT_S, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, f"compile subprocess failed:\n{result.stderr[-4000:]}"

@@ -55,7 +55,7 @@ NCHW_TILES = (
 )
 # Channels-last: channels along the contiguous axis (64 fp32 channels = two 128-byte lines per pixel).
 CHANNELS_LAST_TILES = (
-    TileConfig("cl_16c_4x8", 16, 4, 8, 4),
+    TileConfig("cl_16c_4x8", 16, 4, 8, 2),
     TileConfig("cl_32c_4x8", 32, 4, 8, 4),
     TileConfig("cl_64c_2x8", 64, 2, 8, 4),
 )
