@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from deco.cli import main as cli_main
 from deco.evaluation import build_model_from_checkpoint, load_model_checkpoint
 from deco.models import build_deco, convert_official_checkpoint, convert_official_state_dict, infer_official_config
+from deco.models.backbone import build_backbone
 from deco.models.convert import released_categories
 
 # ---------------------------------------------------------------------------------------------------------------
-# The released key layout, generated from the spec ("Checkpoint layout") and torchvision's ResNet naming.
+# The released key layout, generated from the spec ("Checkpoint layout"), torchvision's ResNet naming and the
+# release's ConvNeXt (models/backbone_convnext.py + convnext.py of xinghaochen/DECO: facebookresearch/ConvNeXt's
+# names, the classifier's final norm and head removed).
 # ---------------------------------------------------------------------------------------------------------------
 
 RESNETS = {
@@ -55,9 +58,47 @@ def released_resnet_layout(name):
     return layout, in_channels
 
 
+def _convnext_block_layout(prefix, dim):
+    """One ConvNeXt block (the release's encoder blocks and its ConvNeXt backbone's): 7x7 depthwise, LN, 4x MLP."""
+    return {
+        f"{prefix}.dwconv.weight": (dim, 1, 7, 7), f"{prefix}.dwconv.bias": (dim,),
+        f"{prefix}.norm.weight": (dim,), f"{prefix}.norm.bias": (dim,),
+        f"{prefix}.pwconv1.weight": (4 * dim, dim), f"{prefix}.pwconv1.bias": (4 * dim,),
+        f"{prefix}.pwconv2.weight": (dim, 4 * dim), f"{prefix}.pwconv2.bias": (dim,),
+        f"{prefix}.gamma": (dim,),
+    }
+
+
+# ConvNeXt-T, as the release's convnext_tiny builds it: blocks and widths of the four stages.
+CONVNEXT_TINY = {"depths": (3, 3, 9, 3), "dims": (96, 192, 384, 768)}
+
+
+def released_convnext_layout(prefix="backbone.0.body.", depths=CONVNEXT_TINY["depths"], dims=CONVNEXT_TINY["dims"]):
+    """The release's ConvNeXt body keys (facebookresearch/ConvNeXt's names; no final norm, no head): the stem
+    (4x4 stride-4 conv, LayerNorm) is downsample_layers.0, the LayerNorm + 2x2 stride-2 conv before stages 1-3
+    are downsample_layers.1-3, block B of stage S is stages.S.B. Returns (layout, output channels)."""
+    layout = {
+        f"{prefix}downsample_layers.0.0.weight": (dims[0], 3, 4, 4), f"{prefix}downsample_layers.0.0.bias": (dims[0],),
+        f"{prefix}downsample_layers.0.1.weight": (dims[0],), f"{prefix}downsample_layers.0.1.bias": (dims[0],),
+    }
+    for stage in range(1, len(dims)):
+        k = f"{prefix}downsample_layers.{stage}"
+        layout.update({
+            f"{k}.0.weight": (dims[stage - 1],), f"{k}.0.bias": (dims[stage - 1],),
+            f"{k}.1.weight": (dims[stage], dims[stage - 1], 2, 2), f"{k}.1.bias": (dims[stage],),
+        })
+    for stage, (depth, dim) in enumerate(zip(depths, dims)):
+        for block in range(depth):
+            layout.update(_convnext_block_layout(f"{prefix}stages.{stage}.{block}", dim))
+    return layout, dims[-1]
+
+
 def released_layout(backbone="resnet18", num_classes=91, num_queries=100, d_model=480,
                     enc_dims=(120, 240, 480), enc_depths=(2, 6, 2), num_layers=6, ffn_ratio=4):
-    layout, backbone_channels = released_resnet_layout(backbone)
+    if backbone == "convnext_tiny":
+        layout, backbone_channels = released_convnext_layout()
+    else:
+        layout, backbone_channels = released_resnet_layout(backbone)
     layout["input_proj.weight"] = (enc_dims[0], backbone_channels, 1, 1)
     layout["input_proj.bias"] = (enc_dims[0],)
     layout["query_embed.weight"] = (num_queries, d_model)
@@ -65,14 +106,7 @@ def released_layout(backbone="resnet18", num_classes=91, num_queries=100, d_mode
     enc = "deco_convnet.encoder._encoder"
     for s, (dim, depth) in enumerate(zip(enc_dims, enc_depths)):
         for b in range(depth):
-            k = f"{enc}.stages.{s}.{b}"
-            layout.update({
-                f"{k}.dwconv.weight": (dim, 1, 7, 7), f"{k}.dwconv.bias": (dim,),
-                f"{k}.norm.weight": (dim,), f"{k}.norm.bias": (dim,),
-                f"{k}.pwconv1.weight": (4 * dim, dim), f"{k}.pwconv1.bias": (4 * dim,),
-                f"{k}.pwconv2.weight": (dim, 4 * dim), f"{k}.pwconv2.bias": (dim,),
-                f"{k}.gamma": (dim,),
-            })
+            layout.update(_convnext_block_layout(f"{enc}.stages.{s}.{b}", dim))
     for s, (a, b) in enumerate(zip(enc_dims[:-1], enc_dims[1:])):
         k = f"{enc}.downsample_layers.{s}"
         layout.update({f"{k}.0.weight": (a,), f"{k}.0.bias": (a,), f"{k}.1.weight": (b, a, 1, 1), f"{k}.1.bias": (b,)})
@@ -134,7 +168,8 @@ def random_released_state_dict(layout, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The released forward pass, restated functionally on the released tensors (no project code, no torchvision).
+# The released forward pass, restated functionally on the released tensors (no project code, no torchvision,
+# no timm).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -179,26 +214,55 @@ def _depthwise(x, sd, prefix):
     return F.conv2d(x, weight, sd[f"{prefix}.bias"], padding=weight.shape[-1] // 2, groups=x.shape[1])
 
 
+def _channels_first_layer_norm(x, sd, prefix):
+    """The release's channels-first LayerNorm (eps 1e-6) as its LayerNorm class writes it out. x: B x C x H x W."""
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).pow(2).mean(1, keepdim=True)
+    x = (x - mean) / torch.sqrt(var + 1e-6)
+    return sd[f"{prefix}.weight"][:, None, None] * x + sd[f"{prefix}.bias"][:, None, None]
+
+
+def _convnext_block(x, sd, prefix):
+    """x + gamma * pwconv2(gelu(pwconv1(LN(dwconv(x))))); x: B x C x H x W."""
+    update, _ = _channels_last_ffn(_depthwise(x, sd, f"{prefix}.dwconv"), sd, f"{prefix}.norm", f"{prefix}.pwconv1",
+                                   f"{prefix}.pwconv2", f"{prefix}.gamma")
+    return x + update.permute(0, 3, 1, 2)
+
+
+def _convnext(x, sd, prefix="backbone.0.body."):
+    """The release's ConvNeXt forward (facebookresearch/ConvNeXt's forward_features without the final norm):
+    B x 3 x H x W -> B x C x H/32 x W/32."""
+    stage = 0
+    while f"{prefix}downsample_layers.{stage}.0.weight" in sd:
+        d = f"{prefix}downsample_layers.{stage}"
+        if stage == 0:  # the stem: 4x4 stride-4 conv, then LayerNorm
+            x = F.conv2d(x, sd[f"{d}.0.weight"], sd[f"{d}.0.bias"], stride=4)
+            x = _channels_first_layer_norm(x, sd, f"{d}.1")
+        else:  # LayerNorm, then 2x2 stride-2 conv
+            x = _channels_first_layer_norm(x, sd, f"{d}.0")
+            x = F.conv2d(x, sd[f"{d}.1.weight"], sd[f"{d}.1.bias"], stride=2)
+        block = 0
+        while f"{prefix}stages.{stage}.{block}.gamma" in sd:
+            x = _convnext_block(x, sd, f"{prefix}stages.{stage}.{block}")
+            block += 1
+        stage += 1
+    return x
+
+
 def released_forward(images, sd, backbone, query_grid=(10, 10)):
     """The released DECO forward: dict of pred_logits / pred_boxes per decoder layer (list, last = final)."""
-    x = _resnet(images, sd, backbone)
+    x = _convnext(images, sd) if backbone == "convnext_tiny" else _resnet(images, sd, backbone)
     x = F.conv2d(x, sd["input_proj.weight"], sd["input_proj.bias"])
     enc = "deco_convnet.encoder._encoder"
     stage = 0
     while f"{enc}.stages.{stage}.0.gamma" in sd:
         if stage > 0:
             ds = f"{enc}.downsample_layers.{stage - 1}"
-            mean = x.mean(1, keepdim=True)
-            var = (x - mean).pow(2).mean(1, keepdim=True)
-            x = (x - mean) / torch.sqrt(var + 1e-6)
-            x = sd[f"{ds}.0.weight"][:, None, None] * x + sd[f"{ds}.0.bias"][:, None, None]
+            x = _channels_first_layer_norm(x, sd, f"{ds}.0")
             x = F.conv2d(x, sd[f"{ds}.1.weight"], sd[f"{ds}.1.bias"])
         block = 0
         while f"{enc}.stages.{stage}.{block}.gamma" in sd:
-            k = f"{enc}.stages.{stage}.{block}"
-            update, _ = _channels_last_ffn(_depthwise(x, sd, f"{k}.dwconv"), sd, f"{k}.norm", f"{k}.pwconv1",
-                                           f"{k}.pwconv2", f"{k}.gamma")
-            x = x + update.permute(0, 3, 1, 2)
+            x = _convnext_block(x, sd, f"{enc}.stages.{stage}.{block}")
             block += 1
         stage += 1
     memory = x
@@ -284,6 +348,118 @@ def test_r50_bottleneck_backbone_converts_and_matches_with_a_small_head():
     """ResNet-50 (bottleneck blocks, downsample in layer1) with a small encoder/decoder, odd input size."""
     layout = released_layout("resnet50", num_classes=7, d_model=32, enc_dims=(16, 32), enc_depths=(1, 2), num_layers=2)
     _compare_with_released_forward(random_released_state_dict(layout), "resnet50", torch.randn(1, 3, 65, 97))
+
+
+def test_released_convnext_tiny_layout_has_476_keys_and_converts_to_a_strict_load():
+    """The R50 release's 563 keys less its 265 backbone keys, plus ConvNeXt-T's 178: stem and three downsampling
+    layers (4 tensors each) and 18 blocks (9 tensors each); input_proj takes 768 channels."""
+    layout = released_layout("convnext_tiny")
+    assert len(layout) == 476 == 563 - len(released_resnet_layout("resnet50")[0]) + 4 * 4 + 18 * 9
+    state = {key: torch.zeros(shape) for key, shape in layout.items()}
+    config = infer_official_config(state)
+    assert config["backbone"] == "convnext_tiny"
+    assert config["encoder_dims"] == (120, 240, 480) and config["encoder_depths"] == (2, 6, 2)
+    converted = convert_official_state_dict(state)
+    assert len(converted) == 476 - 36  # the 36 duplicated box-head tensors are dropped
+    assert converted["input_proj.weight"].shape == (120, 768, 1, 1)
+    with torch.device("meta"):
+        model = build_deco(**config)
+    model.load_state_dict(converted, strict=True, assign=True)
+    # The released model's parameter count (every tensor once; the release has no buffers besides frozen-BN ones,
+    # which ConvNeXt does not use) is our model's.
+    assert sum(t.numel() for t in converted.values()) == sum(p.numel() for p in model.parameters()) == 60_670_482
+
+
+def test_released_convnext_tiny_matches_independent_released_forward():
+    """The full released DECO-ConvNeXt-T; the 2 x 11 memory map makes the CIM pooling windows overlap."""
+    released = random_released_state_dict(released_layout("convnext_tiny"))
+    _compare_with_released_forward(released, "convnext_tiny", torch.randn(2, 3, 64, 352))
+
+
+def test_convnext_tiny_with_a_small_head_converts_through_the_cli_and_matches(tmp_path):
+    """ConvNeXt-T with a small encoder/decoder and an odd input size, through ``deco convert`` and the
+    evaluation side's checkpoint loader: the backbone is detected from the keys alone."""
+    layout = released_layout("convnext_tiny", num_classes=7, d_model=32, enc_dims=(16, 32), enc_depths=(1, 1),
+                             num_layers=2)
+    released = random_released_state_dict(layout, seed=1)
+    torch.save({"model": released, "epoch": 149}, tmp_path / "released.pth")
+    assert cli_main(["convert", str(tmp_path / "released.pth"), str(tmp_path / "converted.pth")]) == 0
+    checkpoint = load_model_checkpoint(tmp_path / "converted.pth")
+    assert checkpoint["model_config"]["backbone"] == "convnext_tiny"
+    model = build_model_from_checkpoint(checkpoint).eval()
+    images = torch.randn(1, 3, 65, 97)
+    with torch.no_grad():
+        ours = model(images)
+        expected = released_forward(images, released, "convnext_tiny")[-1]
+    for name in ("pred_logits", "pred_boxes"):
+        assert expected[name].std() > 1e-3
+        assert _relative_error(ours[name], expected[name]) < 1e-4
+
+
+def test_imagenet_convnext_file_in_the_releases_layout_loads_as_backbone_weights(tmp_path):
+    """The ImageNet weights the release trains from (facebookresearch/ConvNeXt's layout, under "model", with the
+    classifier's final norm and head) load into our timm-named backbone; its features equal the release's."""
+    layout, channels = released_convnext_layout(prefix="")
+    layout.update({"norm.weight": (channels,), "norm.bias": (channels,), "head.weight": (1000, channels),
+                   "head.bias": (1000,)})
+    imagenet = random_released_state_dict(layout, seed=2)
+    torch.save({"model": imagenet}, tmp_path / "convnext_tiny_1k_224_ema.pth")
+    # build_backbone is what build_deco(backbone_weights=...) calls.
+    backbone = build_backbone("convnext_tiny", weights=str(tmp_path / "convnext_tiny_1k_224_ema.pth"))
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features, _ = backbone(images, torch.zeros(1, 64, 96, dtype=torch.bool))
+        expected = _convnext(images, imagenet, prefix="")
+    assert features.shape == expected.shape == (1, 768, 2, 3)
+    assert _relative_error(features, expected) < 1e-4
+
+    torch.save({"model": {**imagenet, "stages.0.0.extra.weight": torch.zeros(1)}}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys \['stages\.0\.0\.extra\.weight'\]"):
+        build_backbone("convnext_tiny", weights=str(tmp_path / "extra.pth"))
+    partial = {k: v for k, v in imagenet.items() if k != "stages.2.8.gamma"}
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"missing keys \['stages\.2\.blocks\.8\.gamma'\]"):
+        build_backbone("convnext_tiny", weights=str(tmp_path / "partial.pth"))
+
+
+def _small_released_convnext():
+    """A released-layout DECO-ConvNeXt-T with a small encoder/decoder, all zeros."""
+    layout = released_layout("convnext_tiny", num_classes=5, d_model=32, enc_dims=(16, 32), enc_depths=(1, 1),
+                             num_layers=2)
+    return {key: torch.zeros(shape) for key, shape in layout.items()}
+
+
+def test_convnext_conversion_errors_name_what_they_found():
+    released = _small_released_convnext()
+    with pytest.raises(ValueError, match=r"unknown keys \['backbone\.0\.body\.stages\.0\.0\.extra\.weight'\]"):
+        convert_official_state_dict({**released, "backbone.0.body.stages.0.0.extra.weight": torch.zeros(1)})
+    missing = {k: v for k, v in released.items() if k != "backbone.0.body.stages.2.8.gamma"}
+    with pytest.raises(ValueError, match=r"missing \(our names\) \['backbone\.body\.stages\.2\.blocks\.8\.gamma'\]"):
+        convert_official_state_dict(missing)
+    # ConvNeXt-S (27 blocks in stage 2, the same widths) is a ConvNeXt, but not the supported one; the backbone
+    # is inferred before anything is compared, so shapes (meta tensors) suffice.
+    convnext_small, _ = released_convnext_layout(depths=(3, 3, 27, 3))
+    not_tiny = {k: v for k, v in released.items() if not k.startswith("backbone.0.body.")}
+    not_tiny.update({key: torch.empty(shape, device="meta") for key, shape in convnext_small.items()})
+    with pytest.raises(
+        ValueError,
+        match=r"the backbone is a ConvNeXt with depths \(3, 3, 27, 3\) and widths \(96, 192, 384, 768\); "
+        r"only ConvNeXt-T \(depths \(3, 3, 9, 3\)",
+    ):
+        convert_official_state_dict(not_tiny)
+    # Backbone keys that fit neither variant, e.g. torchvision's ConvNeXt names (features.*).
+    torchvision_named = {k: v for k, v in released.items() if not k.startswith("backbone.0.body.")}
+    torchvision_named["backbone.0.body.features.0.0.weight"] = torch.empty(96, 3, 4, 4, device="meta")
+    torchvision_named["backbone.0.body.features.1.0.layer_scale"] = torch.empty(96, 1, 1, device="meta")
+    with pytest.raises(
+        ValueError,
+        match=r"cannot tell the backbone; its keys fit neither ResNet-18/50 .* nor ConvNeXt-T .*: found 2 backbone "
+        r"keys under backbone\.0\.body\.\{features\} \(first: 'backbone\.0\.body\.features\.0\.0\.weight'\)",
+    ):
+        convert_official_state_dict(torchvision_named)
+    no_backbone = {k: v for k, v in released.items() if not k.startswith("backbone.0.body.")}
+    with pytest.raises(ValueError, match=r"cannot tell the backbone; .*: found no backbone\.0\.body\.\* keys"):
+        infer_official_config(no_backbone)
 
 
 def _small_released(num_queries=100):

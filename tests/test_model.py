@@ -36,6 +36,24 @@ def test_parameter_counts_match_the_release(backbone, total, backbone_total):
     assert encoder_decoder - model.decoder.query_pos.weight.numel() == 29_666_880
 
 
+def test_convnext_tiny_parameter_count():
+    """DECO-ConvNeXt-T: 60,670,482 parameters (60.67M), the R50 model's non-backbone parts with a 768-channel
+    projection in front of them."""
+    with torch.device("meta"):
+        model = build_deco("convnext_tiny")
+    # ConvNeXt-T's ImageNet classifier has 28,589,128 parameters; the release drops its final LayerNorm (2 x 768)
+    # and its 1000-class head (768 x 1000 + 1000).
+    assert _count(model.backbone.parameters()) == 27_818_592 == 28_589_128 - 2 * 768 - (768 * 1000 + 1000)
+    # The released encoder + decoder (tgt, decoder norm and the unused encoder norm included), plus the
+    # 100 x 480 positional queries.
+    assert _count(model.encoder.parameters()) + _count(model.decoder.parameters()) == 29_666_880 + 100 * 480
+    assert _count(model.input_proj.parameters()) == 92_280 == 768 * 120 + 120
+    # Six class heads (480 -> 91) and six box MLPs (480 -> 480 -> 480 -> 4).
+    class_head, box_head = 480 * 91 + 91, 2 * (480 * 480 + 480) + 480 * 4 + 4
+    assert _count(model.heads.parameters()) == 3_044_730 == 6 * (class_head + box_head)
+    assert _count(model.parameters()) == 60_670_482 == 27_818_592 + 29_666_880 + 48_000 + 92_280 + 3_044_730
+
+
 def test_released_configuration_outputs_and_initialisation():
     model = build_deco("resnet18")
     out = model(torch.randn(2, 3, 64, 96))

@@ -12,7 +12,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert a released DECO checkpoint to this project's layout",
-        description="Read SRC (a checkpoint of the authors' release, state dict under 'model'), map its keys to "
+        description="Read SRC (a checkpoint of the authors' release, state dict under 'model': DECO with a "
+        "ResNet-18, ResNet-50 or ConvNeXt-T backbone, told apart by its backbone keys), map its keys to "
         "deco.models.build_deco's layout, check every key and shape, and write DST atomically as "
         "{'model': state_dict, 'model_config': build_deco keyword arguments, 'categories': [...]}, "
         "the checkpoint format that deco eval and deco predict read.",

@@ -47,7 +47,9 @@ def add_parser(subparsers) -> None:
                         help="starting configuration: the COCO recipe, or the small synthetic-data demo model")
     parser.add_argument("--config", help="a TrainConfig JSON file (e.g. a run's config.json) instead of --preset")
     parser.add_argument("--backbone", choices=["resnet18", "resnet50", "convnext_tiny"])
-    parser.add_argument("--backbone-weights", help="local file with ImageNet backbone weights (nothing downloads)")
+    parser.add_argument("--backbone-weights",
+                        help="local file with ImageNet backbone weights: torchvision ResNet, timm ConvNeXt-T or "
+                        "facebookresearch/ConvNeXt's convnext_tiny_*.pth (nothing downloads)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="images per process")
     parser.add_argument("--lr", type=float, help="lr of decoder, heads and input projection")

@@ -1,13 +1,16 @@
 """Backbones: torchvision ResNet-18/50 (frozen BatchNorm) and timm ConvNeXt-T; only the last stage is used.
 
 Parameter names under ``backbone.body`` are torchvision's ResNet names (``conv1``, ``bn1``, ``layer1``..``layer4``)
-or timm's ConvNeXt names (``stem``, ``stages``), so their state dicts load directly (``backbone_weights=``).
+or timm's ConvNeXt names (``stem``, ``stages.S.downsample``, ``stages.S.blocks``), so their state dicts load
+directly (``backbone_weights=``). A ConvNeXt file may also be in the layout of facebookresearch/ConvNeXt, which
+the DECO release uses for its backbone and its ImageNet weights: :func:`convnext_timm_name` maps it.
 Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -18,8 +21,49 @@ from torch import nn
 BACKBONES = ("resnet18", "resnet50", "convnext_tiny")
 BACKBONE_NORMS = ("frozen", "batch")
 
+# ConvNeXt-T: blocks and widths of its four stages.
+CONVNEXT_TINY_DEPTHS = (3, 3, 9, 3)
+CONVNEXT_TINY_DIMS = (96, 192, 384, 768)
+
 # Keys of the classification head in a torchvision / timm state dict: present in their files, not used here.
 _HEAD_PREFIXES = {"resnet18": ("fc.",), "resnet50": ("fc.",), "convnext_tiny": ("head.",)}
+# The same in facebookresearch/ConvNeXt's layout: the final LayerNorm and the classifier, both ImageNet-only
+# (the DECO release's ConvNeXt has neither and loads those files with strict=False).
+_OFFICIAL_CONVNEXT_HEAD_PREFIXES = ("norm.", "head.")
+# A key only facebookresearch/ConvNeXt's layout has: the stem conv.
+_OFFICIAL_CONVNEXT_STEM_KEY = "downsample_layers.0.0.weight"
+
+_WEIGHT_OR_BIAS = r"(weight|bias)"
+# (facebookresearch/ConvNeXt name, timm name); every ConvNeXt body parameter matches exactly one.
+_OFFICIAL_TO_TIMM_CONVNEXT: list[tuple[re.Pattern, str]] = [
+    (re.compile(pattern), template)
+    for pattern, template in [
+        # The official layout keeps the stem as downsample layer 0; timm has a separate stem and puts the
+        # LayerNorm + 2x2 stride-2 conv of stages 1-3 inside the stage.
+        (rf"downsample_layers\.0\.([01])\.{_WEIGHT_OR_BIAS}", r"stem.\1.\2"),
+        (rf"downsample_layers\.([123])\.([01])\.{_WEIGHT_OR_BIAS}", r"stages.\1.downsample.\2.\3"),
+        (rf"stages\.(\d+)\.(\d+)\.dwconv\.{_WEIGHT_OR_BIAS}", r"stages.\1.blocks.\2.conv_dw.\3"),
+        (rf"stages\.(\d+)\.(\d+)\.norm\.{_WEIGHT_OR_BIAS}", r"stages.\1.blocks.\2.norm.\3"),
+        (rf"stages\.(\d+)\.(\d+)\.pwconv1\.{_WEIGHT_OR_BIAS}", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+        (rf"stages\.(\d+)\.(\d+)\.pwconv2\.{_WEIGHT_OR_BIAS}", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+        (r"stages\.(\d+)\.(\d+)\.gamma", r"stages.\1.blocks.\2.gamma"),
+    ]
+]
+
+
+def convnext_timm_name(official_name: str) -> str:
+    """A ConvNeXt body parameter name in facebookresearch/ConvNeXt's layout (the DECO release's) -> timm's.
+
+    ``downsample_layers.0.{0,1}.*`` -> ``stem.{0,1}.*``; ``downsample_layers.S.{0,1}.*`` ->
+    ``stages.S.downsample.{0,1}.*``; ``stages.S.B.{dwconv,norm,pwconv1,pwconv2}.*`` ->
+    ``stages.S.blocks.B.{conv_dw,norm,mlp.fc1,mlp.fc2}.*``; ``stages.S.B.gamma`` -> ``stages.S.blocks.B.gamma``.
+    The tensors need no change (depthwise C x 1 x 7 x 7, Linear out x in, 1-d norms and layer scales).
+    Raises KeyError for a name outside that layout.
+    """
+    for pattern, template in _OFFICIAL_TO_TIMM_CONVNEXT:
+        if pattern.fullmatch(official_name):
+            return pattern.sub(template, official_name)
+    raise KeyError(official_name)
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -71,13 +115,23 @@ class ResNetBody(nn.Module):
 
 
 class ConvNeXtBody(nn.Module):
-    """timm's ConvNeXt-T stem and stages (no head): B x 3 x H x W -> B x 768 x H/32 x W/32."""
+    """timm's ConvNeXt-T stem and stages: B x 3 x H x W -> B x 768 x H/32 x W/32.
 
-    def __init__(self, name: str):
+    The DECO release's ConvNeXt-T: a 4x4 stride-4 stem conv + LayerNorm, stages of depths 3/3/9/3 and widths
+    96/192/384/768 joined by LayerNorm + 2x2 stride-2 conv, blocks ``x + gamma * fc2(GELU(fc1(LN(dwconv7x7(x)))))``,
+    every LayerNorm with eps 1e-6, layer scale initialised to 1e-6, no drop path, and no LayerNorm after the last
+    stage (timm's ``head.norm`` belongs to the classifier head, which is left out).
+    """
+
+    def __init__(self):
         super().__init__()
         import timm
 
-        convnext = timm.create_model(name, pretrained=False)
+        # pretrained=False: timm builds the architecture only and reads or downloads nothing.
+        convnext = timm.create_model(
+            "convnext_tiny", pretrained=False, depths=CONVNEXT_TINY_DEPTHS, dims=CONVNEXT_TINY_DIMS,
+            drop_path_rate=0.0, ls_init_value=1e-6,
+        )
         self.stem, self.stages = convnext.stem, convnext.stages
         self.num_channels = convnext.num_features
 
@@ -109,7 +163,7 @@ class Backbone(nn.Module):
         else:
             if norm != "frozen":
                 raise ValueError(f"backbone_norm applies to ResNet backbones only (ConvNeXt uses LayerNorm); got {norm!r}")
-            self.body = ConvNeXtBody(name)
+            self.body = ConvNeXtBody()
         self.num_channels = self.body.num_channels
         if freeze_stages is None:
             # The release: ResNet stem and layer1 frozen; ConvNeXt fully trainable.
@@ -132,7 +186,12 @@ class Backbone(nn.Module):
         return features, mask
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load a local torchvision (ResNet) or timm (ConvNeXt) state dict, strictly (classifier head ignored)."""
+        """Load a local torchvision (ResNet) or timm (ConvNeXt) state dict, strictly (classifier head ignored).
+
+        A ConvNeXt file in facebookresearch/ConvNeXt's layout (e.g. ``convnext_tiny_1k_224_ema.pth``, which the
+        DECO release trains from) is recognised by its stem key and renamed with :func:`convnext_timm_name`;
+        its final LayerNorm and classifier are ignored.
+        """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"backbone_weights: no such file {os.fspath(path)!r}")
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -140,8 +199,18 @@ class Backbone(nn.Module):
             state_dict = state_dict["model"]
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"backbone_weights: {os.fspath(path)!r} does not hold a state dict")
-        head = _HEAD_PREFIXES[self.name]
-        body_state = {k: v for k, v in state_dict.items() if not k.startswith(head)}
+        if self.name == "convnext_tiny" and _OFFICIAL_CONVNEXT_STEM_KEY in state_dict:
+            body_state = {}
+            for key, tensor in state_dict.items():
+                if key.startswith(_OFFICIAL_CONVNEXT_HEAD_PREFIXES):
+                    continue
+                try:
+                    body_state[convnext_timm_name(key)] = tensor
+                except KeyError:
+                    body_state[key] = tensor  # reported below as unexpected
+        else:
+            head = _HEAD_PREFIXES[self.name]
+            body_state = {k: v for k, v in state_dict.items() if not k.startswith(head)}
         own = self.body.state_dict()
         # FrozenBatchNorm2d has no num_batches_tracked; a torchvision file does.
         ignorable = {k for k in body_state if k.endswith("num_batches_tracked") and k not in own}

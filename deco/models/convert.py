@@ -3,7 +3,11 @@
 Released layout (spec, "Checkpoint layout") -> ours:
 
 ============================================================================  ==========================================
-``backbone.0.body.<torchvision name>``                                         ``backbone.body.<torchvision name>``
+``backbone.0.body.<torchvision name>`` (ResNet-18/50)                          ``backbone.body.<torchvision name>``
+``backbone.0.body.downsample_layers.0.{0,1}.*`` (ConvNeXt-T stem)              ``backbone.body.stem.{0,1}.*``
+``backbone.0.body.downsample_layers.S.{0,1}.*`` (S = 1..3)                     ``backbone.body.stages.S.downsample.{0,1}.*``
+``backbone.0.body.stages.S.B.{dwconv,norm,pwconv1,pwconv2}.*``                 ``backbone.body.stages.S.blocks.B.{conv_dw,norm,mlp.fc1,mlp.fc2}.*``
+``backbone.0.body.stages.S.B.gamma``                                           ``backbone.body.stages.S.blocks.B.gamma``
 ``input_proj.*``                                                               ``input_proj.*``
 ``query_embed.weight``                                                         ``decoder.query_pos.weight``
 ``deco_convnet.tgt.weight``                                                    ``decoder.tgt.weight``
@@ -20,6 +24,11 @@ Released layout (spec, "Checkpoint layout") -> ours:
 ``deco_convnet.decoder.bbox_embed.L.*`` (a second registration of the box      dropped after checking equality
 heads)
 ============================================================================  ==========================================
+
+The released ConvNeXt-T (``deco_convnextTiny1K_150.pth``) is facebookresearch/ConvNeXt's model without its final
+LayerNorm and classifier, so its backbone keys are that repository's names; ours are timm's
+(:func:`deco.models.backbone.convnext_timm_name`). Everything after the backbone has the same layout for all
+three backbones; only ``input_proj.weight``'s input width differs (512, 2048, 768).
 
 A converted file holds ``{"model": state_dict, "model_config": build_deco keyword arguments, "categories":
 [{"id", "name"} per class slot]}``, the inference checkpoint format of :mod:`deco.evaluation`. The release
@@ -38,8 +47,10 @@ from collections.abc import Mapping
 
 import torch
 
+from deco.models.backbone import CONVNEXT_TINY_DEPTHS, CONVNEXT_TINY_DIMS, convnext_timm_name
 from deco.models.deco import build_deco
 
+_BACKBONE = "backbone.0.body."
 _ENCODER = r"deco_convnet\.encoder\._encoder\."
 _DECODER_LAYER = r"deco_convnet\.decoder\.layers\.(\d+)\."
 _PARAM = r"(weight|bias)"
@@ -55,11 +66,11 @@ _DECODER_LAYER_PARTS = {
     "pwconv2_2": "cim.ffn.fc2",
 }
 
-# (released-key pattern, our key template); every released key must match exactly one pattern.
+# (released-key pattern, our key template) for everything after the backbone; every such released key must match
+# exactly one pattern. Backbone keys are renamed by _rename, which knows the backbone.
 _RULES: list[tuple[re.Pattern, str]] = [
     (re.compile(pattern), template)
     for pattern, template in [
-        (r"backbone\.0\.body\.(.+)", r"backbone.body.\1"),
         (rf"input_proj\.{_PARAM}", r"input_proj.\1"),
         (r"query_embed\.weight", "decoder.query_pos.weight"),
         (r"deco_convnet\.tgt\.weight", "decoder.tgt.weight"),
@@ -120,20 +131,42 @@ def _indices(state_dict: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted(found)
 
 
+def _infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """"resnet50", "resnet18" or "convnext_tiny", from the released backbone keys (``backbone.0.body.*``)."""
+    if f"{_BACKBONE}layer4.0.conv3.weight" in state_dict:
+        return "resnet50"
+    if f"{_BACKBONE}layer4.0.conv2.weight" in state_dict:
+        return "resnet18"
+    if f"{_BACKBONE}downsample_layers.0.0.weight" in state_dict:
+        stages = _indices(state_dict, r"backbone\.0\.body\.stages\.(\d+)\..+")
+        depths = tuple(len(_indices(state_dict, rf"backbone\.0\.body\.stages\.{s}\.(\d+)\..+")) for s in stages)
+        dims = tuple(_require(state_dict, f"{_BACKBONE}stages.{s}.0.dwconv.weight").shape[0] for s in stages)
+        if depths != CONVNEXT_TINY_DEPTHS or dims != CONVNEXT_TINY_DIMS:
+            raise ValueError(
+                f"released state dict: the backbone is a ConvNeXt with depths {depths} and widths {dims}; only "
+                f"ConvNeXt-T (depths {CONVNEXT_TINY_DEPTHS}, widths {CONVNEXT_TINY_DIMS}) is supported"
+            )
+        return "convnext_tiny"
+    backbone_keys = sorted(key for key in state_dict if key.startswith(_BACKBONE))
+    modules = sorted({key[len(_BACKBONE):].split(".")[0] for key in backbone_keys})
+    found = (
+        f"found {len(backbone_keys)} backbone keys under {_BACKBONE}{{{', '.join(modules)}}} "
+        f"(first: {backbone_keys[0]!r})"
+        if backbone_keys
+        else f"found no {_BACKBONE}* keys"
+    )
+    raise ValueError(
+        "released state dict: cannot tell the backbone; its keys fit neither ResNet-18/50 "
+        f"({_BACKBONE}layer4.0.conv2/conv3.weight) nor ConvNeXt-T ({_BACKBONE}downsample_layers.0.0.weight): {found}"
+    )
+
+
 def infer_official_config(state_dict: Mapping[str, torch.Tensor], query_grid: tuple[int, int] | None = None) -> dict:
     """The :func:`build_deco` arguments of a released state dict (backbone, classes, queries, widths, depths).
 
     The query grid is not stored in a checkpoint: None means the release's 10 rows (``qH = 10``).
     """
-    if "backbone.0.body.layer4.0.conv3.weight" in state_dict:
-        backbone = "resnet50"
-    elif "backbone.0.body.layer4.0.conv2.weight" in state_dict:
-        backbone = "resnet18"
-    else:
-        raise ValueError(
-            "released state dict: cannot tell the backbone (no backbone.0.body.layer4.0.conv2/conv3 weight); "
-            "ResNet-18 and ResNet-50 are supported"
-        )
+    backbone = _infer_backbone(state_dict)
     num_queries = _require(state_dict, "query_embed.weight").shape[0]
     d_model = _require(state_dict, "deco_convnet.decoder.norm.weight").shape[0]
     stages = _indices(state_dict, _ENCODER + r"stages\.(\d+)\..+")
@@ -158,7 +191,11 @@ def infer_official_config(state_dict: Mapping[str, torch.Tensor], query_grid: tu
     }
 
 
-def _rename(key: str) -> str:
+def _rename(key: str, backbone: str) -> str:
+    if key.startswith(_BACKBONE):
+        name = key[len(_BACKBONE):]
+        # ResNet: torchvision's names on both sides; ConvNeXt: facebookresearch/ConvNeXt's names -> timm's.
+        return "backbone.body." + (name if backbone.startswith("resnet") else convnext_timm_name(name))
     for pattern, template in _RULES:
         if pattern.fullmatch(key):
             return pattern.sub(template, key)
@@ -174,6 +211,7 @@ def convert_official_state_dict(
     dropped. The result is checked against the architecture :func:`infer_official_config` finds (built on the
     meta device, so nothing is allocated): a ValueError names unknown, missing and wrongly shaped keys.
     """
+    config = infer_official_config(state_dict, query_grid)
     converted: dict[str, torch.Tensor] = {}
     unknown = []
     for key, tensor in state_dict.items():
@@ -186,12 +224,11 @@ def convert_official_state_dict(
                 raise ValueError(f"released state dict: {key!r} differs from {original!r}; they must be equal")
             continue
         try:
-            converted[_rename(key)] = tensor
+            converted[_rename(key, config["backbone"])] = tensor
         except KeyError:
             unknown.append(key)
     if unknown:
         raise ValueError(f"released state dict: unknown keys {unknown}")
-    config = infer_official_config(state_dict, query_grid)
     with torch.device("meta"):
         expected = build_deco(**config).state_dict()
     missing = [key for key in expected if key not in converted]

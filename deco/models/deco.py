@@ -66,12 +66,12 @@ def build_deco(
     """Build DECO; the defaults are the released DECO-R50 (COCO, 91 class slots, 100 queries on a 10x10 grid).
 
     backbone: "resnet18" | "resnet50" | "convnext_tiny". backbone_weights: a local torchvision/timm state-dict
-    file for the backbone (loaded strictly; nothing is downloaded). kernels: "stock" (plain PyTorch) or "fused"
-    (:mod:`deco_kernels.nn` for the depthwise convs, the CIM upsample-add-conv and the CIM max pool; same
-    state_dict). The keyword-only arguments shrink the model (tests, demos) or change training set-up:
-    backbone_norm "frozen" (release) or "batch" (trainable BatchNorm, for training from scratch);
-    freeze_backbone_stages: None = release (ResNet: stem + layer1 frozen; ConvNeXt: nothing), 0 = nothing,
-    n = the stem and the first n stages.
+    file for the backbone, or for ConvNeXt-T one in facebookresearch/ConvNeXt's layout (loaded strictly; nothing
+    is downloaded). kernels: "stock" (plain PyTorch) or "fused" (:mod:`deco_kernels.nn` for the depthwise convs,
+    the CIM upsample-add-conv and the CIM max pool; same state_dict). The keyword-only arguments shrink the model
+    (tests, demos) or change training set-up: backbone_norm "frozen" (release) or "batch" (trainable BatchNorm,
+    for training from scratch); freeze_backbone_stages: None = release (ResNet: stem + layer1 frozen; ConvNeXt:
+    nothing), 0 = nothing, n = the stem and the first n stages.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {', '.join(map(repr, BACKBONES))}; got {backbone!r}")
