@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from deco.config import PRESETS, TrainConfig, preset
+from deco.models.backbone import BACKBONES
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="coco",
                         help="starting configuration: the COCO recipe, or the small synthetic-data demo model")
     parser.add_argument("--config", help="a TrainConfig JSON file (e.g. a run's config.json) instead of --preset")
-    parser.add_argument("--backbone", choices=["resnet18", "resnet50", "convnext_tiny"])
+    parser.add_argument("--backbone", choices=BACKBONES)
     parser.add_argument("--backbone-weights",
                         help="local file with ImageNet backbone weights: torchvision ResNet, timm ConvNeXt-T or "
                         "facebookresearch/ConvNeXt's convnext_tiny_*.pth (nothing downloads)")
