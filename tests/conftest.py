@@ -20,3 +20,13 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (no
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 means fp32: on a GPU cuDNN convolutions default to TF32 (10-bit mantissa), far outside the fp32
+    tolerances the stock layers are compared with."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -10,28 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DEPTHWISE_CASES, DTYPES, LAYOUTS, assert_close, make_input
+from kernel_cases import DEPTHWISE_CASES, DTYPES, KERNEL_DEVICE, LAYOUTS, TARGETS, assert_close, make_input
 
 import deco_kernels
-from deco_kernels import _cuda, reference
+from deco_kernels import reference
 from deco_kernels.ops._common import memory_format_of, poisoned_outputs
 from deco_kernels.triton import depthwise_conv2d as triton_depthwise
-
-HAS_CUDA = torch.cuda.is_available()
-
-# (device, backend): the Triton kernels run everywhere (the interpreter on the CPU); the CUDA kernels run on
-# the GPU and, through their CPU builds in deco_kernels._C, on CPU tensors.
-TARGETS = [
-    pytest.param("cpu", "triton", id="cpu-triton"),
-    pytest.param("cpu", "cuda", id="cpu-cuda",
-                 marks=pytest.mark.skipif(not _cuda.is_available(), reason="needs the built deco_kernels._C")),
-    pytest.param("cuda", "triton", id="cuda-triton",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none present)")),
-    pytest.param("cuda", "cuda", id="cuda-cuda",
-                 marks=pytest.mark.skipif(not (HAS_CUDA and _cuda.is_available()),
-                                          reason="needs a CUDA device and the built deco_kernels._C")),
-]
-
 
 def expected_format(t: torch.Tensor) -> torch.memory_format:
     """The memory format an op's output takes after an input in ``t``'s layout (strided -> suggested)."""
@@ -108,12 +92,13 @@ def test_matches_reference_low_precision(case, dtype, layout, device, backend):
 
 @pytest.mark.parametrize("tile", triton_depthwise.TILES, ids=lambda t: t.name)
 def test_every_gpu_tile(tile, monkeypatch):
-    """Each GPU tile config, forced under the interpreter, over a map a bit larger than two tiles each way."""
+    """Each GPU tile config, forced (on the GPU, or under the interpreter), over a map a bit larger than two
+    tiles each way."""
     monkeypatch.setattr(triton_depthwise, "tile_config", lambda t: tile)
     channels = tile.block_c + 3 if tile.block_c > 1 else 2
     layout = "channels_last" if tile.block_c > 1 else "contiguous"
-    x = make_input((2, channels, tile.block_h + 3, tile.block_w + 5), torch.float32, layout)
-    weight, bias = make_parameters(channels, 3, 5, "cpu")
+    x = make_input((2, channels, tile.block_h + 3, tile.block_w + 5), torch.float32, layout, device=KERNEL_DEVICE)
+    weight, bias = make_parameters(channels, 3, 5, KERNEL_DEVICE)
     check_op_against_reference(
         lambda x, w, b: deco_kernels.depthwise_conv2d(x, w, b, backend="triton"),
         reference.depthwise_conv2d, [x], [weight, bias], torch.float32, grad_layout=layout,
@@ -181,8 +166,8 @@ def test_empty_batch(device, backend):
 
 def test_primitive_writes_every_element_of_its_outputs():
     """The launcher contract directly: outputs poisoned with NaN come back finite, in x's format."""
-    x = make_input((2, 17, 9, 10), torch.bfloat16, "channels_last")
-    weight, bias = make_parameters(17, 7, 3, "cpu")
+    x = make_input((2, 17, 9, 10), torch.bfloat16, "channels_last", device=KERNEL_DEVICE)
+    weight, bias = make_parameters(17, 7, 3, KERNEL_DEVICE)
     with poisoned_outputs():
         y = triton_depthwise.depthwise_conv2d_forward(x, weight, bias)
         grad_x, grad_weight, grad_bias = triton_depthwise.depthwise_conv2d_backward(
@@ -226,8 +211,8 @@ def test_bad_inputs_are_named(make_args, error, match):
 
 def test_backend_keyword_and_setting():
     """backend= wins over the process setting; "torch" is the reference itself."""
-    x = torch.randn(1, 2, 4, 4)
-    weight = torch.randn(2, 1, 3, 3)
+    x = torch.randn(1, 2, 4, 4, device=KERNEL_DEVICE)
+    weight = torch.randn(2, 1, 3, 3, device=KERNEL_DEVICE)
     with deco_kernels.use_backend("triton"):
         assert deco_kernels.resolve_backend(x.device, op="depthwise_conv2d") == "triton"
         y = deco_kernels.depthwise_conv2d(x, weight, backend="torch")

@@ -3,14 +3,15 @@
 Same state_dict, fp32 inputs: the fused model's outputs and every parameter gradient must match the stock
 model evaluated in float64 to the fp32 kernel tolerance. Under the interpreter on the CPU this runs the real
 Triton kernels through the whole encoder and decoder (depthwise 7x7 and 9x9, the CIM's upsample-add-conv with
-the query grid larger than the memory, adaptive max pooling to a grid larger than the map).
+the query grid larger than the memory, the CIM back end pooling to a grid larger than the map); on a GPU
+machine the same tests run on CUDA tensors (conftest turns TF32 off, so the stock layers are fp32 too).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import assert_close
+from kernel_cases import KERNEL_DEVICE, assert_close
 
 import deco_kernels
 from deco_kernels import nn as fused_nn
@@ -39,13 +40,13 @@ def _run(model, images, weights):
 
 def test_fused_model_matches_stock():
     torch.manual_seed(0)
-    stock = models.build_deco(kernels="stock", **TINY)
-    fused = models.build_deco(kernels="fused", **TINY)
+    stock = models.build_deco(kernels="stock", **TINY).to(KERNEL_DEVICE)
+    fused = models.build_deco(kernels="fused", **TINY).to(KERNEL_DEVICE)
     for module_class in (fused_nn.DepthwiseConv2d, fused_nn.UpsampleAddConv, fused_nn.ScaleResidualMaxPool2d):
         assert any(isinstance(module, module_class) for module in fused.modules()), module_class.__name__
     assert list(fused.state_dict()) == list(stock.state_dict())
     fused.load_state_dict(stock.state_dict())
-    images = torch.randn(2, 3, 64, 96)
+    images = torch.randn(2, 3, 64, 96, device=KERNEL_DEVICE)
     with torch.no_grad():
         weights = [torch.randn_like(out) for out in _flatten(stock(images))]
 
@@ -64,12 +65,13 @@ def test_fused_model_matches_stock():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_model_compiles_as_one_graph(backend):
     """torch.compile(fullgraph=True) of the whole fused model: every kernel op traces (no graph break), and the
-    compiled forward and gradients equal eager ones. On the CPU "cuda" is the extension's CPU build."""
-    if backend not in deco_kernels.available_backends("cpu"):
-        pytest.skip(f"backend {backend!r} cannot run on the CPU here")
+    compiled forward and gradients equal eager ones (aot_eager: the graph is compiled, the ops run as they
+    are). On the CPU "cuda" is the extension's CPU build."""
+    if backend not in deco_kernels.available_backends(KERNEL_DEVICE):
+        pytest.skip(f"backend {backend!r} cannot run on {KERNEL_DEVICE} here")
     torch.manual_seed(0)
-    model = models.build_deco(kernels="fused", **TINY)
-    images = torch.randn(2, 3, 64, 96)
+    model = models.build_deco(kernels="fused", **TINY).to(KERNEL_DEVICE)
+    images = torch.randn(2, 3, 64, 96, device=KERNEL_DEVICE)
     with deco_kernels.use_backend(backend):
         with torch.no_grad():
             weights = [torch.randn_like(out) for out in _flatten(model(images))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import assert_close
+from kernel_cases import KERNEL_DEVICE, assert_close
 from torch import nn
 
 import deco_kernels
@@ -36,12 +36,12 @@ def test_parameters_are_conv2d_parameters(module_class, kernel_size, bias):
 
 
 def test_depthwise_forward_and_gradients_match_conv2d():
-    conv = _depthwise_conv(5, 7)
-    x = torch.randn(2, 5, 9, 11)
+    conv = _depthwise_conv(5, 7).to(KERNEL_DEVICE)
+    x = torch.randn(2, 5, 9, 11, device=KERNEL_DEVICE)
     expected = conv(x)
     expected.square().sum().backward()
     for backend in ("torch", "triton"):
-        module = fused_nn.DepthwiseConv2d(5, 7, backend=backend)
+        module = fused_nn.DepthwiseConv2d(5, 7, backend=backend, device=KERNEL_DEVICE)
         module.load_state_dict(conv.state_dict())
         out = module(x)
         out.square().sum().backward()
@@ -51,13 +51,13 @@ def test_depthwise_forward_and_gradients_match_conv2d():
 
 
 def test_from_conv2d_shares_parameters():
-    conv = _depthwise_conv(4, 5)
+    conv = _depthwise_conv(4, 5).to(KERNEL_DEVICE)
     module = fused_nn.DepthwiseConv2d.from_conv2d(conv, backend="triton")
     assert module.weight is conv.weight and module.bias is conv.bias
-    x = torch.randn(1, 4, 6, 6)
+    x = torch.randn(1, 4, 6, 6, device=KERNEL_DEVICE)
     assert_close(module(x), conv(x), torch.float32, "from_conv2d output")
     cim = fused_nn.UpsampleAddConv.from_conv2d(conv, backend="triton")
-    query = torch.randn(1, 4, 3, 3)
+    query = torch.randn(1, 4, 3, 3, device=KERNEL_DEVICE)
     expected = reference.upsample_add_conv(query, x, conv.weight, conv.bias)
     assert_close(cim(query, x), expected, torch.float32, "UpsampleAddConv output")
 
@@ -83,7 +83,7 @@ def test_bad_kernel_size(kernel_size, match):
 @pytest.mark.parametrize("module_class, stock_class", [(fused_nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool2d),
                                                        (fused_nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool2d)])
 def test_pooling_modules_match_torch(module_class, stock_class):
-    x = torch.randn(2, 3, 25, 14).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 25, 14, device=KERNEL_DEVICE).contiguous(memory_format=torch.channels_last)
     for backend in ("torch", "triton"):
         out = module_class((10, 4), backend=backend)(x)
         assert_close(out, stock_class((10, 4))(x), torch.float32, f"{module_class.__name__} ({backend})")
@@ -93,8 +93,8 @@ def test_scale_residual_max_pool_module_matches_the_stock_cim_back_end():
     """The fused CIM back end and the model's stock one are the same function of (z, ffn, gamma)."""
     from deco.models.layers import StockScaleResidualMaxPool
 
-    z, ffn = torch.randn(2, 25, 14, 3, dtype=torch.float64), torch.randn(2, 25, 14, 3, dtype=torch.float64)
-    gamma = torch.randn(3, dtype=torch.float64)
+    z, ffn, gamma = (torch.randn(*shape, dtype=torch.float64, device=KERNEL_DEVICE)
+                     for shape in ((2, 25, 14, 3), (2, 25, 14, 3), (3,)))
     expected = StockScaleResidualMaxPool((10, 4))(z, ffn, gamma)
     assert torch.equal(expected, F.adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), (10, 4)))
     for backend in ("torch", "triton"):
@@ -104,8 +104,8 @@ def test_scale_residual_max_pool_module_matches_the_stock_cim_back_end():
 
 def test_backend_follows_the_process_setting():
     """backend=None reads the process setting at call time, so a built model can be switched later."""
-    module = fused_nn.UpsampleAddConv(2, 3)
-    query, memory = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 4, 5)
+    module = fused_nn.UpsampleAddConv(2, 3, device=KERNEL_DEVICE)
+    query, memory = torch.randn(1, 2, 2, 2, device=KERNEL_DEVICE), torch.randn(1, 2, 4, 5, device=KERNEL_DEVICE)
     with deco_kernels.use_backend("torch"):
         assert torch.equal(module(query, memory), reference.upsample_add_conv(query, memory, module.weight,
                                                                                module.bias))

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import assert_close
-from test_depthwise_conv2d import TARGETS
+from kernel_cases import TARGETS, assert_close
 
 import deco_kernels
 from deco_kernels import nn as fused_nn
-
 
 
 def _leaf(*shape, device, channels_last=False, grad=True):

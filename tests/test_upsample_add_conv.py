@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import DTYPES, LAYOUTS, UPSAMPLE_ADD_CONV_CASES, assert_close, make_input
-from test_depthwise_conv2d import TARGETS, check_op_against_reference, make_parameters
+from kernel_cases import DTYPES, KERNEL_DEVICE, LAYOUTS, TARGETS, UPSAMPLE_ADD_CONV_CASES, assert_close, make_input
+from test_depthwise_conv2d import check_op_against_reference, make_parameters
 
 import deco_kernels
 from deco_kernels import reference
@@ -72,7 +72,7 @@ def test_every_gpu_tile(tile, monkeypatch):
     height, width = tile.block_h + 3, tile.block_w + 5
     # A query grid larger than one tile, so that the gather also spans several tiles.
     case = (2, channels, tile.block_h + 1, tile.block_w + 1, height, width, 3, 3)
-    query, memory, weight, bias = _inputs(case, torch.float32, layout, layout, "cpu")
+    query, memory, weight, bias = _inputs(case, torch.float32, layout, layout, KERNEL_DEVICE)
     check_op_against_reference(_op("triton"), reference.upsample_add_conv, [query, memory], [weight, bias],
                                torch.float32, grad_layout=layout)
 
