@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 __all__ = ["Case", "GROUPS", "LARGE_GROUPS", "OPS", "cases"]
 
-OPS = ("depthwise_conv2d", "upsample_add_conv", "adaptive_max_pool2d", "adaptive_avg_pool2d")
+OPS = ("depthwise_conv2d", "upsample_add_conv", "adaptive_max_pool2d", "adaptive_avg_pool2d", "scale_residual_max_pool")
 GROUPS = ("deco", "deco-enc", "stride16", "stride8", "smoke")
 LARGE_GROUPS = ("stride16", "stride8")  # bandwidth/arithmetic-bound: where the roofline target applies
 
@@ -85,6 +85,7 @@ def _upsample_add_conv_cases() -> list[Case]:
     return found
 
 
+# The pools and the CIM back end (max pool of z + gamma * ffn, z and ffn B x H x W x C) share these shapes.
 def _pool_cases(op: str) -> list[Case]:
     qh, qw = QUERY_GRID
     h, w = DECO_HW
@@ -114,6 +115,7 @@ def cases(
         "upsample_add_conv": _upsample_add_conv_cases,
         "adaptive_max_pool2d": lambda: _pool_cases("adaptive_max_pool2d"),
         "adaptive_avg_pool2d": lambda: _pool_cases("adaptive_avg_pool2d"),
+        "scale_residual_max_pool": lambda: _pool_cases("scale_residual_max_pool"),
     }[op]()
     return [
         c

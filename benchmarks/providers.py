@@ -10,7 +10,9 @@ Providers (the ``provider`` field of a record):
   ``compile-max-autotune``: the same with ``mode="max-autotune"``.
 
 Every provider gets the same random inputs (activations in the benchmark dtype, parameters too, as a module
-converted to that dtype would hold them) and the same gradient of the output.
+converted to that dtype would hold them) and the same gradient of the output. ``scale_residual_max_pool`` takes
+B x H x W x C ``z`` and ``ffn``: for the ``-cl`` providers they are dense (channels innermost, as the CIM's
+Linear layers leave them), for the others B x H x W x C views of NCHW memory.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ def make_inputs(case: Case, dtype: torch.dtype, provider: str, device: torch.dev
         return (torch.randn(*shape, generator=generator) * 0.1).to(device=device, dtype=dtype).requires_grad_()
 
     b, c = dims["B"], dims["C"]
+    if case.op == "scale_residual_max_pool":
+        # B x C x H x W maps in the provider's memory format, viewed as B x H x W x C.
+        maps = (activation(b, c, dims["H"], dims["W"]).detach() for _ in range(2))
+        z, ffn = (t.permute(0, 2, 3, 1).requires_grad_() for t in maps)
+        gamma = parameter(c)
+        return Inputs([z, ffn, gamma], ((dims["oh"], dims["ow"]),), [z, ffn, gamma])
     if case.op == "depthwise_conv2d":
         x = activation(b, c, dims["H"], dims["W"])
         weight, bias = parameter(c, 1, dims["kh"], dims["kw"]), parameter(c)

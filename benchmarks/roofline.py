@@ -89,6 +89,21 @@ def _adaptive_pool(shape: dict, element_bytes: int, pass_: str, *, with_indices:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
 
+def _scale_residual_max_pool(shape: dict, element_bytes: int, pass_: str) -> Cost:
+    b, c, h, w, oh, ow = (shape[k] for k in ("B", "C", "H", "W", "oh", "ow"))
+    n = b * c * h * w
+    n_out = b * c * oh * ow
+    window_elements = b * c * sum(adaptive_pool_windows(h, oh)) * sum(adaptive_pool_windows(w, ow))
+    gamma = c * _PARAM_BYTES
+    # fwd: read z, ffn and gamma, write y and the argmax; one multiply-add per input element (the sum, formed
+    # once even where windows overlap) and one compare per window element.
+    fwd = Cost(2 * n * element_bytes + gamma + n_out * (element_bytes + _INDEX_BYTES), 2 * n + window_elements)
+    # bwd: read grad_y, the argmax, ffn at the argmax and gamma; write grad_z, grad_ffn and grad_gamma. One add
+    # per routed window value, one multiply per grad_ffn element, one multiply-add per pooled value for gamma.
+    bwd = Cost(2 * n * element_bytes + 2 * gamma + n_out * (2 * element_bytes + _INDEX_BYTES), n + 3 * n_out)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+
+
 def cost(op: str, shape: dict, dtype: torch.dtype, pass_: str) -> Cost:
     """The byte/FLOP model of ``op`` on ``shape`` (the benchmark case's dict) for one pass."""
     if pass_ not in PASSES:
@@ -102,6 +117,8 @@ def cost(op: str, shape: dict, dtype: torch.dtype, pass_: str) -> Cost:
         return _adaptive_pool(shape, element_bytes, pass_, with_indices=True)
     if op == "adaptive_avg_pool2d":
         return _adaptive_pool(shape, element_bytes, pass_, with_indices=False)
+    if op == "scale_residual_max_pool":
+        return _scale_residual_max_pool(shape, element_bytes, pass_)
     raise ValueError(f"op has no cost model: {op!r}")
 
 

@@ -1,4 +1,4 @@
-// Registers the eight primitives as torch.ops.deco_kernels_C.* for the CUDA and CPU dispatch keys. Backward
+// Registers the ten primitives as torch.ops.deco_kernels_C.* for the CUDA and CPU dispatch keys. Backward
 // primitives return undefined tensors (None in Python) for outputs whose output_mask entry is false.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -18,17 +18,25 @@ TORCH_LIBRARY(deco_kernels_C, m) {
   m.def("adaptive_max_pool2d_backward(Tensor grad_y, Tensor indices, int[2] input_size) -> Tensor");
   m.def("adaptive_avg_pool2d_forward(Tensor x, int[2] output_size) -> Tensor");
   m.def("adaptive_avg_pool2d_backward(Tensor grad_y, int[2] input_size) -> Tensor");
+  m.def(
+      "scale_residual_max_pool_forward(Tensor z, Tensor ffn, Tensor gamma, int[2] output_size)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "scale_residual_max_pool_backward(Tensor grad_y, Tensor gamma, Tensor indices, Tensor picked_ffn,"
+      " int[2] input_size) -> (Tensor, Tensor, Tensor)");
 }
 
-#define DECO_REGISTER_PRIMITIVES(NAMESPACE)                                               \
-  m.impl("depthwise_conv2d_forward", &NAMESPACE::depthwise_conv2d_forward);               \
-  m.impl("depthwise_conv2d_backward", &NAMESPACE::depthwise_conv2d_backward);             \
-  m.impl("upsample_add_conv_forward", &NAMESPACE::upsample_add_conv_forward);             \
-  m.impl("upsample_add_conv_backward", &NAMESPACE::upsample_add_conv_backward);           \
-  m.impl("adaptive_max_pool2d_forward", &NAMESPACE::adaptive_max_pool2d_forward);         \
-  m.impl("adaptive_max_pool2d_backward", &NAMESPACE::adaptive_max_pool2d_backward);       \
-  m.impl("adaptive_avg_pool2d_forward", &NAMESPACE::adaptive_avg_pool2d_forward);         \
-  m.impl("adaptive_avg_pool2d_backward", &NAMESPACE::adaptive_avg_pool2d_backward);
+#define DECO_REGISTER_PRIMITIVES(NAMESPACE)                                                 \
+  m.impl("depthwise_conv2d_forward", &NAMESPACE::depthwise_conv2d_forward);                 \
+  m.impl("depthwise_conv2d_backward", &NAMESPACE::depthwise_conv2d_backward);               \
+  m.impl("upsample_add_conv_forward", &NAMESPACE::upsample_add_conv_forward);               \
+  m.impl("upsample_add_conv_backward", &NAMESPACE::upsample_add_conv_backward);             \
+  m.impl("adaptive_max_pool2d_forward", &NAMESPACE::adaptive_max_pool2d_forward);           \
+  m.impl("adaptive_max_pool2d_backward", &NAMESPACE::adaptive_max_pool2d_backward);         \
+  m.impl("adaptive_avg_pool2d_forward", &NAMESPACE::adaptive_avg_pool2d_forward);           \
+  m.impl("adaptive_avg_pool2d_backward", &NAMESPACE::adaptive_avg_pool2d_backward);         \
+  m.impl("scale_residual_max_pool_forward", &NAMESPACE::scale_residual_max_pool_forward);   \
+  m.impl("scale_residual_max_pool_backward", &NAMESPACE::scale_residual_max_pool_backward);
 
 TORCH_LIBRARY_IMPL(deco_kernels_C, CUDA, m) { DECO_REGISTER_PRIMITIVES(deco::cuda) }
 

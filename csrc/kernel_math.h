@@ -5,10 +5,11 @@
 // DECO_HD functions -- which input element a tile slot holds and its zero padding (conv_tile_element), the
 // register-window tap loop of a conv strip (conv_strip), epilogues (bias, upsampled residual), nearest-
 // upsampling source indices and their inverse footprints, the per-lane partial sums of the weight gradient
-// and the order of their butterfly reduction, adaptive-pool windows, the first-maximum/NaN rule and the
-// gather ranges of the pool backward passes. The CPU build walks the same grid as the GPU (tiles, threads,
-// lanes; serially) and calls the same functions on the same fp32 values, in the same order, with fmaf
-// where the GPU uses an FMA, so a wrong index, halo, flip, footprint or reduction order fails on the CPU.
+// and the order of their butterfly reduction, adaptive-pool windows, the first-maximum/NaN rule, the gather
+// ranges of the pool backward passes, the CIM back end's sum z + gamma * ffn and the split order of its
+// gamma gradient. The CPU build walks the same grid as the GPU (tiles, threads, lanes; serially) and calls the
+// same functions on the same fp32 values, in the same order, with fmaf where the GPU uses an FMA, so a wrong
+// index, halo, flip, footprint or reduction order fails on the CPU.
 // What the CPU cannot check is the CUDA-only plumbing around them: shared-memory sizes, __syncthreads
 // placement, launch bounds and the warp shuffles themselves (tests/test_cuda_kernels.py runs those on a GPU).
 #pragma once
@@ -412,6 +413,34 @@ DECO_HD float adaptive_avg_grad_at(const TensorSource<T>& gy, const PoolShape& s
   return sum;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The CIM back end adaptive_max_pool2d(z + gamma * ffn): z and ffn are B x H x W x C, which is the memory of a
+// channels-last B x C x H x W map, so they are read through a channels-last Layout and pooled with
+// adaptive_max_at like any other source.
+
+// z + gamma * ffn, formed in fp32 (one FMA, so the CPU build rounds exactly as the GPU) and never stored.
+template <typename T>
+struct ScaleResidualSource {
+  const T* z;
+  const T* ffn;
+  Layout layout;       // of both z and ffn (dense B x H x W x C)
+  const float* gamma;  // C
+  DECO_HD float ffn_at(int b, int c, int y, int x) const { return static_cast<float>(ffn[layout.at(b, c, y, x)]); }
+  DECO_HD float operator()(int b, int c, int y, int x) const {
+    const int64_t at = layout.at(b, c, y, x);
+    return fmaf(gamma[c], static_cast<float>(ffn[at]), static_cast<float>(z[at]));
+  }
+};
+
+// grad gamma[c] = sum over pooled positions (b, i, j) of grad_y * ffn[argmax]. Positions are cut into splits of
+// kGammaSplitPositions consecutive (b, i, j); one thread sums a split of one channel, then a second pass adds
+// the splits of each channel in order: deterministic, no float atomics.
+constexpr int kGammaSplitPositions = 32;
+
+DECO_HD int64_t gamma_grad_splits(int64_t positions) {
+  return (positions + kGammaSplitPositions - 1) / kGammaSplitPositions;
+}
+
 // Decomposes a flat element index of a B x C x H x W grid, fastest dimension last in the given layout, so
 // consecutive threads touch consecutive memory in either layout.
 DECO_HD void unflatten(int64_t e, int C, int H, int W, bool channels_last, int& b, int& c, int& y, int& x) {
@@ -563,6 +592,91 @@ struct AvgPoolBackwardOp {
     int b, c, y, x;
     unflatten(e, s.channels, s.height, s.width, channels_last, b, c, y, x);
     grad_in[in_layout.at(b, c, y, x)] = static_cast<T>(adaptive_avg_grad_at(grad_out, s, b, c, y, x));
+  }
+};
+
+// Forward of the CIM back end: element e is a pooled (b, c, oy, ox), c fastest (all outputs are channels-last).
+// Besides the max and its argmax it stores ffn at the argmax, all the gamma gradient needs of ffn.
+template <typename T>
+struct ScaleResidualMaxPoolForwardOp {
+  PoolShape s;
+  ScaleResidualSource<T> sum;
+  T* out;
+  int64_t* indices;
+  T* picked_ffn;
+  Layout out_layout;  // of out, indices and picked_ffn
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * s.out_h * s.out_w; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, oy, ox;
+    unflatten(e, s.channels, s.out_h, s.out_w, true, b, c, oy, ox);
+    int64_t index;
+    const float best = adaptive_max_at(sum, s, b, c, oy, ox, index);
+    const int64_t at = out_layout.at(b, c, oy, ox);
+    out[at] = static_cast<T>(best);
+    indices[at] = index;
+    picked_ffn[at] = static_cast<T>(
+        sum.ffn_at(b, c, static_cast<int>(index / s.width), static_cast<int>(index % s.width)));
+  }
+};
+
+// grad z and grad ffn at input pixel e = (b, y, x, c): the routed gradient of the sum, and gamma times it.
+template <typename T>
+struct ScaleResidualMaxPoolBackwardOp {
+  PoolShape s;
+  TensorSource<T> grad_out;  // channels-last, laid out like indices
+  const int64_t* indices;
+  const float* gamma;
+  T* grad_z;
+  T* grad_ffn;
+  Layout in_layout;  // of grad_z and grad_ffn (dense B x H x W x C)
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * s.height * s.width; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, y, x;
+    unflatten(e, s.channels, s.height, s.width, true, b, c, y, x);
+    const float grad_sum = adaptive_max_grad_at(grad_out, indices, grad_out.layout, s, b, c, y, x);
+    const int64_t at = in_layout.at(b, c, y, x);
+    grad_z[at] = static_cast<T>(grad_sum);
+    grad_ffn[at] = static_cast<T>(gamma[c] * grad_sum);
+  }
+};
+
+// Element e = split * C + c (c fastest: consecutive threads read consecutive channels of the channels-last
+// pooled maps): partials[e] = the sum of grad_y * picked_ffn over the split's positions, in order.
+template <typename T>
+struct GammaGradPartialsOp {
+  PoolShape s;
+  TensorSource<T> grad_out, picked_ffn;  // B x C x out_h x out_w
+  float* partials;                       // splits x C
+  int64_t splits;
+  DECO_HD int64_t size() const { return splits * s.channels; }
+  DECO_HD void operator()(int64_t e) const {
+    const int c = static_cast<int>(e % s.channels);
+    const int64_t split = e / s.channels;
+    const int64_t positions = static_cast<int64_t>(s.batch) * s.out_h * s.out_w;
+    const int64_t first = split * kGammaSplitPositions;
+    const int64_t last = first + kGammaSplitPositions < positions ? first + kGammaSplitPositions : positions;
+    float sum = 0.0f;
+    for (int64_t p = first; p < last; ++p) {
+      const int ox = static_cast<int>(p % s.out_w);
+      const int oy = static_cast<int>((p / s.out_w) % s.out_h);
+      const int b = static_cast<int>(p / (static_cast<int64_t>(s.out_w) * s.out_h));
+      sum = fmaf(grad_out(b, c, oy, ox), picked_ffn(b, c, oy, ox), sum);
+    }
+    partials[e] = sum;
+  }
+};
+
+// Element c: grad_gamma[c] = the sum of channel c's split partials, in split order.
+struct GammaGradReduceOp {
+  const float* partials;  // splits x channels
+  int64_t splits;
+  int channels;
+  float* grad_gamma;
+  DECO_HD int64_t size() const { return channels; }
+  DECO_HD void operator()(int64_t c) const {
+    float sum = 0.0f;
+    for (int64_t split = 0; split < splits; ++split) sum += partials[split * channels + c];
+    grad_gamma[c] = sum;
   }
 };
 

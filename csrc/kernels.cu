@@ -11,6 +11,9 @@
 // - Weight/bias gradient: per (channel, 16 x 32 tile) partial sums of every tap from shared-memory tiles,
 //   reduced within a warp by xor shuffles, then a fixed-order sum over tiles: deterministic, no atomics.
 // - Pools and the query gradient: one thread per output element; backward passes are gathers.
+// - CIM back end (max pool of z + gamma * ffn, B x H x W x C): one thread per pooled element, c fastest so a
+//   warp reads consecutive channels; its gamma gradient sums grad_y * ffn[argmax] per (32-position split,
+//   channel), then adds each channel's splits in order: deterministic, no atomics.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

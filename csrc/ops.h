@@ -1,4 +1,4 @@
-// The eight primitives of deco_kernels, one set per device (kernels.cu: CUDA, cpu_kernels.cpp: CPU); both are
+// The ten primitives of deco_kernels, one set per device (kernels.cu: CUDA, cpu_kernels.cpp: CPU); both are
 // Ops<Backend> from ops_host.h. Registered as torch.ops.deco_kernels_C.* in bindings.cpp.
 #pragma once
 
@@ -22,7 +22,12 @@
   at::Tensor adaptive_max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices,                  \
                                           at::IntArrayRef input_size);                                          \
   at::Tensor adaptive_avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef output_size);                     \
-  at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_y, at::IntArrayRef input_size);
+  at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_y, at::IntArrayRef input_size);                \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_residual_max_pool_forward(                               \
+      const at::Tensor& z, const at::Tensor& ffn, const at::Tensor& gamma, at::IntArrayRef output_size);        \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_residual_max_pool_backward(                              \
+      const at::Tensor& grad_y, const at::Tensor& gamma, const at::Tensor& indices,                             \
+      const at::Tensor& picked_ffn, at::IntArrayRef input_size);
 
 // Defines the primitives of namespace deco::<device> as Ops<BACKEND>'s.
 #define DECO_DEFINE_PRIMITIVES(BACKEND)                                                                         \
@@ -56,6 +61,15 @@
   }                                                                                                             \
   at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_y, at::IntArrayRef input_size) {               \
     return Ops<BACKEND>::adaptive_avg_pool2d_backward(grad_y, input_size);                                      \
+  }                                                                                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_residual_max_pool_forward(                               \
+      const at::Tensor& z, const at::Tensor& ffn, const at::Tensor& gamma, at::IntArrayRef output_size) {       \
+    return Ops<BACKEND>::scale_residual_max_pool_forward(z, ffn, gamma, output_size);                           \
+  }                                                                                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_residual_max_pool_backward(                              \
+      const at::Tensor& grad_y, const at::Tensor& gamma, const at::Tensor& indices,                             \
+      const at::Tensor& picked_ffn, at::IntArrayRef input_size) {                                               \
+    return Ops<BACKEND>::scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, input_size);      \
   }
 
 namespace deco {

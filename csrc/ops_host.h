@@ -1,4 +1,4 @@
-// Host side of the eight primitives, written once for both builds: argument checks, memory-format handling,
+// Host side of the ten primitives, written once for both builds: argument checks, memory-format handling,
 // output allocation and the sequence of passes. `Backend` (CudaBackend in kernels.cu, CpuBackend in
 // cpu_kernels.cpp) only says how a pass runs over its grid:
 //   Backend::Guard                      device guard constructed from the inputs' device
@@ -26,9 +26,11 @@ namespace deco {
 // ---------------------------------------------------------------------------------------------------------
 // Checks. Messages name the argument and what was expected.
 
-inline void check_activation(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+// `dims` names the four dimensions for the error message: the CIM back end takes B x H x W x C tensors.
+inline void check_activation(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name,
+                             const char* dims = "B x C x H x W") {
   TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (B x C x H x W), got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (", dims, "), got shape ", t.sizes());
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, name,
               " must be float32, float16 or bfloat16, got ", dtype);
@@ -52,13 +54,21 @@ inline void check_weight(const at::Tensor& weight, const at::Tensor& x, const ch
               "), got ", weight.device());
 }
 
+// A float32 vector of one value per channel (a bias, a layer scale) on the device of `x`, whose channel count
+// is `channels`.
+inline void check_channel_vector(const at::Tensor& t, const char* name, int64_t channels, const at::Tensor& x,
+                                 const char* x_name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, name, " must have shape (", channels, ",) to match ", x_name,
+              "'s channels, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the same device as ", x_name, " (", x.device(), "), got ",
+              t.device());
+}
+
 inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, const char* x_name) {
   if (!bias.has_value() || !bias->defined()) return;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1), "bias must have shape (", x.size(1), ",) to match ",
-              x_name, "'s channels, got ", bias->sizes());
-  TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias must be float32, got ", bias->scalar_type());
-  TORCH_CHECK(bias->device() == x.device(), "bias must be on the same device as ", x_name, " (", x.device(),
-              "), got ", bias->device());
+  check_channel_vector(*bias, "bias", x.size(1), x, x_name);
 }
 
 inline void check_same_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* what) {
@@ -312,14 +322,19 @@ struct Ops {
                      grad_y.options().memory_format(memory_format(cl)));
   }
 
-  static at::Tensor adaptive_max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices,
-                                                 at::IntArrayRef input_size) {
-    check_activation(grad_y, "grad_y", grad_y, "grad_y");
-    const auto [height, width] = check_input_size(input_size);
+  // The argmax saved by a max-pool forward, one per element of grad_y.
+  static void check_indices(const at::Tensor& indices, const at::Tensor& grad_y) {
     TORCH_CHECK(indices.defined() && indices.scalar_type() == at::kLong, "indices must be an int64 tensor");
     TORCH_CHECK(indices.device() == grad_y.device(), "indices must be on the same device as grad_y (",
                 grad_y.device(), "), got ", indices.device());
     check_same_shape(indices, "indices", grad_y.sizes(), "the shape of grad_y");
+  }
+
+  static at::Tensor adaptive_max_pool2d_backward(const at::Tensor& grad_y, const at::Tensor& indices,
+                                                 at::IntArrayRef input_size) {
+    check_activation(grad_y, "grad_y", grad_y, "grad_y");
+    const auto [height, width] = check_input_size(input_size);
+    check_indices(indices, grad_y);
     typename Backend::Guard guard(grad_y.device());
     const bool cl = is_channels_last(grad_y);
     const at::Tensor gyc = in_format(grad_y, cl), ic = in_format(indices, cl);
@@ -332,6 +347,76 @@ struct Ops {
                                                     grad_x.data_ptr<scalar_t>(), layout_of(grad_x, cl)});
     });
     return grad_x;
+  }
+
+  // adaptive_max_pool2d((z + gamma * ffn) as B x C x H x W) for z, ffn of B x H x W x C: the memory of such a
+  // tensor is that of a channels-last B x C x H x W map, so everything here runs channels-last.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_residual_max_pool_forward(
+      const at::Tensor& z, const at::Tensor& ffn, const at::Tensor& gamma, at::IntArrayRef output_size) {
+    constexpr const char* dims = "B x H x W x C";
+    check_activation(z, "z", z, "z", dims);
+    check_activation(ffn, "ffn", z, "z", dims);
+    check_same_shape(ffn, "ffn", z.sizes(), "the shape of z");
+    TORCH_CHECK(z.size(1) > 0 && z.size(2) > 0, "z's H and W must be positive (z is ", dims, "), got ", z.sizes());
+    check_channel_vector(gamma, "gamma", z.size(3), z, "z");
+    const auto [out_h, out_w] = check_output_size(output_size);
+    typename Backend::Guard guard(z.device());
+    const at::Tensor zc = z.contiguous(), fc = ffn.contiguous(), gc = gamma.contiguous();
+    const PoolShape s{static_cast<int>(z.size(0)), static_cast<int>(z.size(3)), static_cast<int>(z.size(1)),
+                      static_cast<int>(z.size(2)), out_h, out_w};
+    const auto options = z.options().memory_format(at::MemoryFormat::ChannelsLast);
+    at::Tensor y = at::empty({z.size(0), z.size(3), out_h, out_w}, options);
+    at::Tensor indices = at::empty_like(y, y.options().dtype(at::kLong), at::MemoryFormat::ChannelsLast);
+    at::Tensor picked_ffn = at::empty_like(y, at::MemoryFormat::ChannelsLast);
+    if (y.numel() == 0) return {y, indices, picked_ffn};
+    DECO_DISPATCH_FLOATING(z.scalar_type(), "scale_residual_max_pool_forward", [&] {
+      const ScaleResidualSource<scalar_t> sum{zc.data_ptr<scalar_t>(), fc.data_ptr<scalar_t>(),
+                                              make_layout(s.channels, s.height, s.width, true), gc.data_ptr<float>()};
+      Backend::for_each(ScaleResidualMaxPoolForwardOp<scalar_t>{s, sum, y.data_ptr<scalar_t>(),
+                                                                indices.data_ptr<int64_t>(),
+                                                                picked_ffn.data_ptr<scalar_t>(), layout_of(y, true)});
+    });
+    return {y, indices, picked_ffn};
+  }
+
+  // grad_y, indices, picked_ffn: B x C x OH x OW -> (grad_z, grad_ffn: B x H x W x C contiguous in grad_y's
+  // dtype, grad_gamma: C float32).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_residual_max_pool_backward(
+      const at::Tensor& grad_y, const at::Tensor& gamma, const at::Tensor& indices, const at::Tensor& picked_ffn,
+      at::IntArrayRef input_size) {
+    check_activation(grad_y, "grad_y", grad_y, "grad_y");
+    check_activation(picked_ffn, "picked_ffn", grad_y, "grad_y");
+    check_same_shape(picked_ffn, "picked_ffn", grad_y.sizes(), "the shape of grad_y");
+    check_indices(indices, grad_y);
+    check_channel_vector(gamma, "gamma", grad_y.size(1), grad_y, "grad_y");
+    const auto [height, width] = check_input_size(input_size);
+    typename Backend::Guard guard(grad_y.device());
+    const at::Tensor gyc = in_format(grad_y, true), ic = in_format(indices, true), pc = in_format(picked_ffn, true);
+    const at::Tensor gc = gamma.contiguous();
+    const PoolShape s{static_cast<int>(grad_y.size(0)), static_cast<int>(grad_y.size(1)), height, width,
+                      static_cast<int>(grad_y.size(2)), static_cast<int>(grad_y.size(3))};
+    // Channels-last B x C x H x W memory is dense B x H x W x C: allocated as the former, returned as the latter.
+    at::Tensor grad_z = pool_grad_input(grad_y, height, width, true);
+    at::Tensor grad_ffn = at::empty_like(grad_z, at::MemoryFormat::ChannelsLast);
+    at::Tensor grad_gamma = at::empty({grad_y.size(1)}, grad_y.options().dtype(at::kFloat));
+    const int64_t positions = static_cast<int64_t>(s.batch) * s.out_h * s.out_w;
+    if (positions == 0) grad_gamma.zero_();
+    DECO_DISPATCH_FLOATING(grad_y.scalar_type(), "scale_residual_max_pool_backward", [&] {
+      const TensorSource<scalar_t> gy = source_of<scalar_t>(gyc, true);
+      if (grad_z.numel() > 0)
+        Backend::for_each(ScaleResidualMaxPoolBackwardOp<scalar_t>{
+            s, gy, ic.data_ptr<int64_t>(), gc.data_ptr<float>(), grad_z.data_ptr<scalar_t>(),
+            grad_ffn.data_ptr<scalar_t>(), layout_of(grad_z, true)});
+      if (positions > 0 && s.channels > 0) {
+        const int64_t splits = gamma_grad_splits(positions);
+        at::Tensor partials = at::empty({splits, static_cast<int64_t>(s.channels)}, grad_gamma.options());
+        Backend::for_each(
+            GammaGradPartialsOp<scalar_t>{s, gy, source_of<scalar_t>(pc, true), partials.data_ptr<float>(), splits});
+        Backend::for_each(
+            GammaGradReduceOp{partials.data_ptr<float>(), splits, s.channels, grad_gamma.data_ptr<float>()});
+      }
+    });
+    return {grad_z.permute({0, 2, 3, 1}), grad_ffn.permute({0, 2, 3, 1}), grad_gamma};
   }
 
   static at::Tensor adaptive_avg_pool2d_forward(const at::Tensor& x, at::IntArrayRef output_size) {

@@ -1,4 +1,5 @@
-"""Fused kernels for DECO: depthwise convolution, the CIM's upsample-add-conv, adaptive pooling.
+"""Fused kernels for DECO: depthwise convolution, the CIM's upsample-add-conv, adaptive pooling, and the CIM's
+layer-scaled residual with max pooling (scale_residual_max_pool).
 
 Every op runs on one of three backends ("triton", "cuda", "torch"), chosen per call by its ``backend=``
 keyword, else by the process-wide setting (:func:`set_backend`, :func:`use_backend`, the

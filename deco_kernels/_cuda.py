@@ -1,10 +1,12 @@
-"""The compiled extension ``deco_kernels._C`` (csrc/): its loader and the eight primitives of the "cuda" backend.
+"""The compiled extension ``deco_kernels._C`` (csrc/): its loader and the ten primitives of the "cuda" backend.
 
 Importing ``deco_kernels._C`` registers ``torch.ops.deco_kernels_C.*`` for CUDA tensors (the CUDA kernels) and
 for CPU tensors (CPU builds of the same kernel bodies, used to test them without a GPU). The functions below
 are the primitive contract of ``deco_kernels`` (no autograd here; the custom ops in ``deco_kernels.ops`` call
 them for backend "cuda"). Activations: B x C x H x W, float32/float16/bfloat16, NCHW or channels-last; weights
 and biases float32. Outputs keep the activation's dtype and memory format; weight and bias grads are float32.
+The CIM back end (``scale_residual_max_pool_*``) takes B x H x W x C ``z`` and ``ffn`` and a float32 ``gamma``;
+its pooled outputs are channels-last.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ __all__ = [
     "depthwise_conv2d_forward",
     "is_available",
     "load_error",
+    "scale_residual_max_pool_backward",
+    "scale_residual_max_pool_forward",
     "upsample_add_conv_backward",
     "upsample_add_conv_forward",
 ]
@@ -118,3 +122,28 @@ def adaptive_avg_pool2d_forward(x: torch.Tensor, output_size: Sequence[int] | in
 def adaptive_avg_pool2d_backward(grad_y: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
     """grad_x: B x C x H x W for input_size (H, W), gathered."""
     return _ops().adaptive_avg_pool2d_backward(grad_y, _pair(input_size, "input_size"))
+
+
+def scale_residual_max_pool_forward(
+    z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: Sequence[int] | int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Max pool of ``z + gamma * ffn`` (z, ffn: B x H x W x C; gamma: C float32), summed in fp32.
+
+    Returns ``y`` (B x C x OH x OW, z's dtype), ``indices`` (int64, flat ``h * W + w``) and ``picked_ffn`` (ffn at
+    each argmax), all channels-last.
+    """
+    return tuple(_ops().scale_residual_max_pool_forward(z, ffn, gamma, _pair(output_size, "output_size")))
+
+
+def scale_residual_max_pool_backward(
+    grad_y: torch.Tensor,
+    gamma: torch.Tensor,
+    indices: torch.Tensor,
+    picked_ffn: torch.Tensor,
+    input_size: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_z, grad_ffn: B x H x W x C contiguous in grad_y's dtype, grad_gamma: C float32), gathered; grad_gamma
+    is reduced in a fixed order (deterministic, no atomics)."""
+    return tuple(
+        _ops().scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, _pair(input_size, "input_size"))
+    )

@@ -13,6 +13,7 @@ __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "depthwise_conv2d",
+    "scale_residual_max_pool",
     "upsample_add_conv",
 ]
 
@@ -53,3 +54,13 @@ def adaptive_max_pool2d(
 def adaptive_avg_pool2d(x: torch.Tensor, output_size: int | tuple[int, int]) -> torch.Tensor:
     """``F.adaptive_avg_pool2d`` with the same window rule as the max pool."""
     return F.adaptive_avg_pool2d(x, output_size)
+
+
+def scale_residual_max_pool(
+    z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: int | tuple[int, int]
+) -> torch.Tensor:
+    """DECO's CIM back end: ``F.adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), output_size)`` in z's dtype.
+
+    z, ffn: B x H x W x C; gamma: C. Returns B x C x OH x OW (channels-last memory format).
+    """
+    return F.adaptive_max_pool2d((z + gamma.to(z.dtype) * ffn).permute(0, 3, 1, 2), output_size)

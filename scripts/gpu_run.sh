@@ -109,6 +109,7 @@ BENCH_FILES=(
     benchmarks/test_bench_upsample_add_conv.py
     benchmarks/test_bench_adaptive_max_pool2d.py
     benchmarks/test_bench_adaptive_avg_pool2d.py
+    benchmarks/test_bench_scale_residual_max_pool.py
 )
 
 run_bench() {  # run_bench NAME CAP_S extra pytest args...

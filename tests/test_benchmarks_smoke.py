@@ -147,6 +147,14 @@ def test_cost_model_by_hand():
     )
     # 25 -> 10: every window spans 3 rows (and 3 columns), e.g. [0, 3), [2, 5), [5, 8).
     assert pool.bytes == 625 * 4 + 100 * (4 + 8) and pool.flops == 30 * 30
+    cim_tail = {"B": 1, "C": 2, "H": 25, "W": 25, "oh": 10, "ow": 10}
+    forward = roofline.cost("scale_residual_max_pool", cim_tail, torch.bfloat16, "fwd")
+    # Read z and ffn (2 x 1250 bf16) and gamma (2 fp32), write y (200 bf16) and its argmax (200 int64); one FMA
+    # per input element and one compare per window element.
+    assert forward.bytes == 2 * 1250 * 2 + 2 * 4 + 200 * (2 + 8) and forward.flops == 2 * 1250 + 2 * 30 * 30
+    backward = roofline.cost("scale_residual_max_pool", cim_tail, torch.bfloat16, "bwd")
+    # Read grad_y, ffn at the argmax (bf16), the argmax and gamma; write grad_z, grad_ffn (bf16) and grad_gamma.
+    assert backward.bytes == 2 * 1250 * 2 + 2 * 2 * 4 + 200 * (2 * 2 + 8) and backward.flops == 1250 + 3 * 200
     assert roofline.roofline_floor_s(roofline.Cost(1e9, 1e9), 1e12, 1e13) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="pass_ must be one of"):
         roofline.cost("depthwise_conv2d", shape, torch.float32, "backward")

@@ -33,9 +33,12 @@ PRIMITIVES = (
     "adaptive_max_pool2d_backward",
     "adaptive_avg_pool2d_forward",
     "adaptive_avg_pool2d_backward",
+    "scale_residual_max_pool_forward",
+    "scale_residual_max_pool_backward",
 )
 # Kernel families in csrc/kernels.cu and how many instantiations each must have per architecture:
-# 3 dtypes, times 2 for the conv passes and weight-gradient kernels (plain input and upsample + memory input).
+# 3 dtypes, times 2 for the conv passes and weight-gradient kernels (plain input and upsample + memory input);
+# the fp32-only reductions once.
 KERNEL_FAMILIES = {
     "conv_tiled_kernel": 6,
     "weight_grad_partials_kernel": 6,
@@ -46,6 +49,10 @@ KERNEL_FAMILIES = {
     "MaxPoolBackwardOp": 3,
     "AvgPoolForwardOp": 3,
     "AvgPoolBackwardOp": 3,
+    "ScaleResidualMaxPoolForwardOp": 3,
+    "ScaleResidualMaxPoolBackwardOp": 3,
+    "GammaGradPartialsOp": 3,
+    "GammaGradReduceOp": 1,
 }
 
 
@@ -126,7 +133,9 @@ def test_every_kernel_is_compiled_for_both_arches_without_spills():
     assert sorted(usage) == sorted(ARCHES), f"resource usage for {sorted(usage)}, expected {ARCHES}"
     for arch, functions in usage.items():
         for family, count in KERNEL_FAMILIES.items():
-            found = [name for name in functions if family in name]
+            # Matched as a mangled identifier (its length, then the name), so that e.g. MaxPoolForwardOp does not
+            # also count ScaleResidualMaxPoolForwardOp.
+            found = [name for name in functions if f"{len(family)}{family}" in name]
             assert len(found) == count, f"{arch}: {len(found)} instantiations of {family}, expected {count}"
         assert len(functions) == sum(KERNEL_FAMILIES.values()), f"{arch}: unexpected kernels {sorted(functions)}"
         for name, resources in functions.items():

@@ -277,6 +277,155 @@ def test_pool_backward_expanded_grad_and_empty_batch(device):
 
 
 # --------------------------------------------------------------------------------------------------------
+# scale_residual_max_pool (the CIM back end): z and ffn are B x H x W x C. They are made as B x C x H x W maps in
+# the case's layout and viewed as B x H x W x C, so "channels_last" gives dense z/ffn (the CIM's own layout),
+# "contiguous" a view of NCHW memory and "strided" a view of neither.
+
+
+def _scale_residual_inputs(case, dtype, layout, device):
+    b, c, h, w, oh, ow = case
+    z = make_input((b, c, h, w), dtype, layout, device).permute(0, 2, 3, 1)
+    ffn = make_input((b, c, h, w), dtype, layout, device).permute(0, 2, 3, 1)
+    gamma = torch.randn(c, device=device)
+    grad_y = make_input((b, c, oh, ow), dtype, layout, device)
+    return z, ffn, gamma, grad_y
+
+
+def _scale_residual_reference(case):
+    oh, ow = case[-2:]
+    return lambda z, ffn, gamma: reference.scale_residual_max_pool(z, ffn, gamma, (oh, ow))
+
+
+def _picked(ffn: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """ffn (B x H x W x C) at each argmax of ``indices`` (B x C x OH x OW), on the CPU."""
+    picked = ffn.detach().cpu().permute(0, 3, 1, 2).flatten(2).gather(2, indices.cpu().flatten(2))
+    return picked.view(indices.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, dtype, layout", _cases(ADAPTIVE_POOL_CASES, POOL_LOW_PRECISION))
+def test_scale_residual_max_pool_matches_reference(case, dtype, layout, device):
+    b, c, h, w, oh, ow = case
+    z, ffn, gamma, grad_y = _scale_residual_inputs(case, dtype, layout, device)
+    y, indices, picked_ffn = _cuda.scale_residual_max_pool_forward(z, ffn, gamma, (oh, ow))
+    grad_z, grad_ffn, grad_gamma = _cuda.scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, (h, w))
+
+    y_ref, grads_ref = _reference_grads(_scale_residual_reference(case), (z, ffn, gamma), grad_y)
+    _, indices_ref = reference.adaptive_max_pool2d(
+        (z.detach().double() + gamma.double() * ffn.detach().double()).permute(0, 3, 1, 2).cpu(),
+        (oh, ow),
+        return_indices=True,
+    )
+    for t, what in ((y, "y"), (indices, "indices"), (picked_ffn, "picked_ffn")):
+        assert t.shape == (b, c, oh, ow) and t.is_contiguous(memory_format=torch.channels_last), what
+    assert y.dtype == dtype and picked_ffn.dtype == dtype and indices.dtype == torch.int64
+    assert torch.equal(indices.cpu(), indices_ref)
+    assert torch.equal(picked_ffn.cpu(), _picked(ffn, indices_ref))
+    assert_close(y, y_ref, dtype, "y")
+    for grad, grad_ref, name in zip((grad_z, grad_ffn, grad_gamma), grads_ref, ("grad_z", "grad_ffn", "grad_gamma")):
+        assert grad.is_contiguous(), name
+        assert_close(grad, grad_ref, dtype, name)
+    assert grad_z.dtype == grad_ffn.dtype == dtype and grad_gamma.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_residual_max_pool_ties_nan_and_infinity_like_torch(device):
+    """Integer values make the fp32 sums exact and most windows tie (the first maximum wins); a NaN sum wins,
+    the last NaN of a window first; a window of -inf sums reports its first element, and its gradient (grad_y
+    times ffn there, for gamma) goes there, as torch's."""
+    z = torch.randint(-2, 3, (2, 13, 11, 3)).float()
+    ffn = torch.randint(-2, 3, (2, 13, 11, 3)).float()
+    gamma = torch.tensor([2.0, -1.0, 0.5])
+    z[0, 2, 3, 1] = z[0, 1, 0, 1] = float("nan")
+    ffn[1, 12, 10, 2] = float("nan")
+    z[1, :4, :3, 0] = float("-inf")  # all of window (0, 0) of image 1, channel 0 (rows [0, 4), columns [0, 3))
+    grad_y = torch.randint(-3, 4, (2, 3, 4, 5)).float()
+    z, ffn, gamma, grad_y = (t.to(device) for t in (z, ffn, gamma, grad_y))
+
+    y, indices, picked_ffn = _cuda.scale_residual_max_pool_forward(z, ffn, gamma, (4, 5))
+    y_ref, indices_ref = torch.nn.functional.adaptive_max_pool2d(
+        (z + gamma * ffn).permute(0, 3, 1, 2).cpu(), (4, 5), return_indices=True
+    )
+    assert y_ref[1, 0, 0, 0] == float("-inf") and indices_ref[1, 0, 0, 0] == 0 and y_ref.isnan().any()
+    assert torch.equal(indices.cpu(), indices_ref)
+    assert torch.equal(y.cpu().isnan(), y_ref.isnan())
+    assert torch.equal(y.cpu().nan_to_num(), y_ref.nan_to_num())
+    expected_picked = _picked(ffn, indices_ref)
+    assert torch.equal(picked_ffn.cpu().isnan(), expected_picked.isnan())
+    assert torch.equal(picked_ffn.cpu().nan_to_num(), expected_picked.nan_to_num())
+
+    grads = _cuda.scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, (13, 11))
+    leaves = [t.cpu().requires_grad_() for t in (z, ffn, gamma)]
+    reference.scale_residual_max_pool(*leaves, (4, 5)).backward(grad_y.cpu())
+    # Exactly torch's, NaN where torch's is NaN (the NaN ffn picked in channel 2 makes its gamma gradient NaN).
+    assert leaves[2].grad.isnan().any()
+    for grad, leaf, name in zip(grads, leaves, ("grad_z", "grad_ffn", "grad_gamma")):
+        torch.testing.assert_close(grad.cpu(), leaf.grad, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_residual_max_pool_expanded_grad_empty_batch_and_determinism(device):
+    z, ffn, gamma, _ = _scale_residual_inputs((7, 5, 25, 42, 10, 10), torch.float32, "channels_last", device)
+    y, indices, picked_ffn = _cuda.scale_residual_max_pool_forward(z, ffn, gamma, (10, 10))
+    grad_y = torch.ones((), device=device).expand_as(y)  # the gradient of y.sum(): stride 0
+    grads = _cuda.scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, (25, 42))
+    _, grads_ref = _reference_grads(_scale_residual_reference((7, 5, 25, 42, 10, 10)), (z, ffn, gamma), grad_y)
+    for grad, grad_ref, name in zip(grads, grads_ref, ("grad_z", "grad_ffn", "grad_gamma")):
+        assert_close(grad, grad_ref, torch.float32, name)
+    # 700 pooled positions per channel: 22 partial sums, added in a fixed order.
+    grad_y = torch.randn_like(y)
+    first = _cuda.scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, (25, 42))
+    second = _cuda.scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, (25, 42))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+    empty = torch.randn(0, 5, 6, 3, device=device)
+    y, indices, picked_ffn = _cuda.scale_residual_max_pool_forward(empty, empty, gamma[:3], (2, 2))
+    assert y.shape == indices.shape == picked_ffn.shape == (0, 3, 2, 2)
+    grad_z, grad_ffn, grad_gamma = _cuda.scale_residual_max_pool_backward(y, gamma[:3], indices, picked_ffn, (5, 6))
+    assert grad_z.shape == grad_ffn.shape == empty.shape
+    assert torch.equal(grad_gamma, torch.zeros(3, device=device))
+
+
+BAD_SCALE_RESIDUAL_INPUTS = [
+    ("3-D z", lambda z, f, g: (z[0], f[0], g), r"z must be 4-D \(B x H x W x C\)"),
+    ("float64 z", lambda z, f, g: (z.double(), f.double(), g), "z must be float32, float16 or bfloat16"),
+    ("ffn dtype", lambda z, f, g: (z, f.half(), g), "ffn must have the dtype of z"),
+    ("ffn shape", lambda z, f, g: (z, f[:, 1:], g), r"ffn must have shape \[2, 6, 5, 4\]"),
+    ("empty map", lambda z, f, g: (z[:, :0], f[:, :0], g), "z's H and W must be positive"),
+    ("gamma shape", lambda z, f, g: (z, f, g[:3]), r"gamma must have shape \(4,\) to match z's channels"),
+    ("fp16 gamma", lambda z, f, g: (z, f, g.half()), "gamma must be float32"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, corrupt, message", BAD_SCALE_RESIDUAL_INPUTS, ids=[c[0] for c in BAD_SCALE_RESIDUAL_INPUTS]
+)
+def test_scale_residual_max_pool_rejects_bad_input(name, corrupt, message):
+    z, ffn, gamma = torch.randn(2, 6, 5, 4), torch.randn(2, 6, 5, 4), torch.randn(4)
+    with pytest.raises(RuntimeError, match=message):
+        _cuda.scale_residual_max_pool_forward(*corrupt(z, ffn, gamma), (2, 2))
+
+
+def test_scale_residual_max_pool_backward_rejects_bad_input():
+    grad_y, gamma = torch.randn(2, 4, 2, 2), torch.randn(4)
+    indices, picked_ffn = torch.zeros(2, 4, 2, 2, dtype=torch.long), torch.randn(2, 4, 2, 2)
+    backward = _cuda.scale_residual_max_pool_backward
+    with pytest.raises(RuntimeError, match="output_size must be positive"):
+        _cuda.scale_residual_max_pool_forward(torch.randn(2, 6, 5, 4), torch.randn(2, 6, 5, 4), gamma, (2, 0))
+    with pytest.raises(RuntimeError, match=r"picked_ffn must have shape \[2, 4, 2, 2\]"):
+        backward(grad_y, gamma, indices, picked_ffn[:, :, :1], (6, 5))
+    with pytest.raises(RuntimeError, match="picked_ffn must have the dtype of grad_y"):
+        backward(grad_y, gamma, indices, picked_ffn.half(), (6, 5))
+    with pytest.raises(RuntimeError, match="indices must be an int64 tensor"):
+        backward(grad_y, gamma, indices.int(), picked_ffn, (6, 5))
+    with pytest.raises(RuntimeError, match=r"gamma must have shape \(4,\) to match grad_y's channels"):
+        backward(grad_y, gamma[:2], indices, picked_ffn, (6, 5))
+    with pytest.raises(RuntimeError, match="input_size must be"):
+        backward(grad_y, gamma, indices, picked_ffn, (0, 5))
+
+
+# --------------------------------------------------------------------------------------------------------
 # Bad input: TORCH_CHECK messages name the argument and what was expected.
 
 BAD_CONV_INPUTS = [
@@ -326,6 +475,11 @@ def test_rejects_mixed_devices():
     x, weight = torch.randn(1, 4, 5, 5, device="cuda"), torch.randn(4, 1, 3, 3)
     with pytest.raises(RuntimeError, match="weight must be on the same device as x"):
         _cuda.depthwise_conv2d_forward(x, weight, None)
+    z = torch.randn(1, 5, 5, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="gamma must be on the same device as z"):
+        _cuda.scale_residual_max_pool_forward(z, z, torch.randn(4), (2, 2))
+    with pytest.raises(RuntimeError, match="ffn must be on the same device as z"):
+        _cuda.scale_residual_max_pool_forward(z, z.cpu(), torch.randn(4, device="cuda"), (2, 2))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -348,6 +502,7 @@ def test_cuda_matches_triton(dtype, layout):
     dw = _triton_primitives("depthwise_conv2d")
     uac = _triton_primitives("upsample_add_conv")
     pool = _triton_primitives("adaptive_pool")
+    fused = _triton_primitives("scale_residual_max_pool")
     memory = make_input((2, 48, 25, 42), dtype, layout, "cuda")
     query = make_input((2, 48, 10, 10), dtype, layout, "cuda")
     grad_y = make_input((2, 48, 25, 42), dtype, layout, "cuda")
@@ -398,4 +553,15 @@ def test_cuda_matches_triton(dtype, layout):
         [_cuda.adaptive_avg_pool2d_backward(query, (25, 42))],
         [pool.adaptive_avg_pool2d_backward(query, (25, 42))],
         "avg backward",
+    )
+    # The CIM back end on B x H x W x C views of the maps (dense for channels_last, NCHW memory otherwise).
+    z, ffn = memory.permute(0, 2, 3, 1), grad_y.permute(0, 2, 3, 1)
+    y, indices, picked_ffn = _cuda.scale_residual_max_pool_forward(z, ffn, bias, (10, 10))
+    y_triton, indices_triton, picked_triton = fused.scale_residual_max_pool_forward(z, ffn, bias, (10, 10))
+    assert torch.equal(indices, indices_triton)
+    compare([y, picked_ffn], [y_triton, picked_triton], "scale residual max pool forward")
+    compare(
+        _cuda.scale_residual_max_pool_backward(query, bias, indices, picked_ffn, (25, 42)),
+        fused.scale_residual_max_pool_backward(query, bias, indices, picked_ffn, (25, 42)),
+        "scale residual max pool backward",
     )

@@ -1,11 +1,11 @@
 """The torch.library registration of every deco_kernels op: opcheck and torch.compile(fullgraph=True).
 
 opcheck runs each custom op's schema, fake (meta) implementation, autograd registration and AOT-dispatch
-tests with the "triton" backend (the interpreter on the CPU), and on a GPU also with "cuda". The compile
-test traces a small module using every op with the "aot_eager" compile backend: it traces forward and
-backward through the fake implementations and the registered autograd exactly as inductor would, without
-inductor's C++/Triton code generation, which would take minutes on a 2-core CPU and is not what is under
-test here.
+tests with each backend that runs here: on the CPU Triton's interpreter and the CPU build of the CUDA kernels
+(when deco_kernels._C is built), on a GPU both backends' kernels. The compile test traces a small module
+using every op with the "aot_eager" compile backend: it traces forward and backward through the fake
+implementations and the registered autograd exactly as inductor would, without inductor's C++/Triton code
+generation, which would take minutes on a 2-core CPU and is not what is under test here.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _opcheck_cases(device, backend):
     z = _leaf(2, 5, 6, 3, device=device)
     ffn = _leaf(2, 5, 6, 3, device=device)
     gamma = _leaf(3, device=device)
-    cases = [
+    return [
         ("depthwise_conv2d", ops.depthwise_conv2d.default, (x, weight, bias, backend)),
         ("depthwise_conv2d_cl_no_bias", ops.depthwise_conv2d.default, (x_cl, weight, None, backend)),
         ("depthwise_conv2d_backward", ops.depthwise_conv2d_backward.default,
@@ -47,11 +47,8 @@ def _opcheck_cases(device, backend):
          (grad_y, query.detach(), x.detach(), weight.detach(), [True, True, False, True], backend)),
         ("adaptive_max_pool2d", ops.adaptive_max_pool2d.default, (x, [2, 4], backend)),
         ("adaptive_avg_pool2d", ops.adaptive_avg_pool2d.default, (x_cl, [2, 4], backend)),
+        ("scale_residual_max_pool", ops.scale_residual_max_pool.default, (z, ffn, gamma, [2, 4], backend)),
     ]
-    # The fused CIM back end has a Triton kernel only.
-    cases.append(("scale_residual_max_pool", ops.scale_residual_max_pool.default,
-                  (z, ffn, gamma, [2, 4], "triton")))
-    return cases
 
 
 @pytest.mark.parametrize("device, backend", TARGETS)
@@ -64,7 +61,8 @@ def test_opcheck_every_op(device, backend):
 
 
 class _EveryOp(torch.nn.Module):
-    """A miniature CIM: dwconv on the memory, upsample-add-conv of the queries, max pool, plus an avg pool."""
+    """A miniature CIM: dwconv on the memory, upsample-add-conv of the queries, max pool, the fused back end
+    (layer-scaled residual + max pool) on the channels-innermost map, plus an avg pool."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -72,10 +70,13 @@ class _EveryOp(torch.nn.Module):
         self.cim = fused_nn.UpsampleAddConv(channels, 5)
         self.max_pool = fused_nn.AdaptiveMaxPool2d((3, 3))
         self.avg_pool = fused_nn.AdaptiveAvgPool2d((1, 2))
+        self.gamma = torch.nn.Parameter(torch.randn(channels))
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         fused = self.cim(query, self.dwconv(memory))
         pooled = self.max_pool(fused)
+        z = fused.permute(0, 2, 3, 1)
+        pooled = pooled + deco_kernels.scale_residual_max_pool(z, z.tanh(), self.gamma, (3, 3))
         return pooled + self.avg_pool(fused).mean(dim=(2, 3), keepdim=True)
 
 

@@ -5,58 +5,34 @@ Layout: ``z`` and ``ffn`` are B x H x W x C (channels innermost, as the CIM's Li
 ``F.adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), output_size)``. For low-precision z/ffn the
 sum is formed in fp32 and rounded once, to z's dtype.
 
-Backend ``"torch"`` is :func:`reference_scale_residual_max_pool` (native autograd); ``"triton"`` runs
-``deco_kernels::scale_residual_max_pool`` (returns the pooled map, the argmax and ffn at the argmax) whose
-backward ``deco_kernels::scale_residual_max_pool_backward`` routes each window's gradient to its argmax:
+Backend ``"torch"`` is :func:`deco_kernels.reference.scale_residual_max_pool` (native autograd); ``"triton"``
+and ``"cuda"`` (the backend name is an argument) run the custom op ``deco_kernels::scale_residual_max_pool``
+(returns the pooled map, the argmax and ffn at the argmax) whose backward, the custom op
+``deco_kernels::scale_residual_max_pool_backward``, routes each window's gradient to its argmax:
 ``grad_z = grad_s``, ``grad_ffn = gamma * grad_s``, ``grad_gamma = sum grad_y * ffn[argmax]`` (deterministic).
-There is no CUDA kernel for this fusion: where ``"cuda"`` is selected it runs the Triton kernels when Triton
-can run on the device, else the reference (logged once).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from deco_kernels.backend import available_backends, resolve_backend
+from deco_kernels import reference
+from deco_kernels.backend import resolve_backend
 from deco_kernels.ops._common import (
     check_activation,
     check_same_device,
     check_same_dtype,
     empty_output,
     parameter_as_fp32,
+    primitives,
 )
 from deco_kernels.ops.adaptive_pool import _output_size
 
-__all__ = ["reference_scale_residual_max_pool", "scale_residual_max_pool"]
+__all__ = ["scale_residual_max_pool"]
 
-logger = logging.getLogger("deco_kernels")
 _OP = "scale_residual_max_pool"
-_substitution_logged: set[str] = set()
-
-
-def reference_scale_residual_max_pool(
-    z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: int | tuple[int, int]
-) -> torch.Tensor:
-    """``F.adaptive_max_pool2d((z + gamma * ffn).permute(0, 3, 1, 2), output_size)`` in z's dtype.
-
-    z, ffn: B x H x W x C; gamma: C. Returns B x C x OH x OW (channels-last memory format).
-    """
-    return F.adaptive_max_pool2d((z + gamma.to(z.dtype) * ffn).permute(0, 3, 1, 2), output_size)
-
-
-def _triton_primitives():
-    from deco_kernels.triton import scale_residual_max_pool as module
-
-    return module
-
-
-def _check_backend(backend: str) -> None:
-    if backend != "triton":
-        raise ValueError(f"deco_kernels::{_OP} has a Triton kernel only; got backend {backend!r}")
 
 
 @torch.library.custom_op("deco_kernels::scale_residual_max_pool", mutates_args=())
@@ -64,8 +40,7 @@ def _scale_residual_max_pool_op(
     z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: list[int], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z, ffn: B x H x W x C; gamma: C fp32 -> (y, indices, ffn at argmax): B x C x OH x OW, channels-last."""
-    _check_backend(backend)
-    return _triton_primitives().scale_residual_max_pool_forward(z, ffn, gamma, (output_size[0], output_size[1]))
+    return primitives(backend, _OP).scale_residual_max_pool_forward(z, ffn, gamma, (output_size[0], output_size[1]))
 
 
 @_scale_residual_max_pool_op.register_fake
@@ -88,8 +63,7 @@ def _scale_residual_max_pool_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_z, grad_ffn: B x H x W x C in grad_y's dtype, grad_gamma: C float32)."""
-    _check_backend(backend)
-    return _triton_primitives().scale_residual_max_pool_backward(
+    return primitives(backend, _OP).scale_residual_max_pool_backward(
         grad_y, gamma, indices, picked_ffn, (input_size[0], input_size[1])
     )
 
@@ -123,17 +97,6 @@ def _backward(ctx, grad_y, _grad_indices, _grad_picked_ffn):
 
 
 _scale_residual_max_pool_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _kernel_backend(device: torch.device, backend: str) -> str:
-    """The backend that runs this op when ``backend`` was resolved: "cuda" has no kernel here."""
-    if backend != "cuda":
-        return backend
-    substitute = "triton" if "triton" in available_backends(device) else "torch"
-    if device.type not in _substitution_logged:
-        _substitution_logged.add(device.type)
-        logger.info("deco_kernels: %s has no CUDA kernel; %s runs the %r backend", _OP, device.type, substitute)
-    return substitute
 
 
 def _check_inputs(z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor) -> None:
@@ -172,11 +135,11 @@ def scale_residual_max_pool(
     """
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{_OP}: z must be a torch.Tensor; got {type(z).__name__}")
-    backend = _kernel_backend(z.device, resolve_backend(z.device, backend, op=_OP))
+    backend = resolve_backend(z.device, backend, op=_OP)
     _check_inputs(z, ffn, gamma)
     size = _output_size(z.permute(0, 3, 1, 2), output_size, _OP)
     if backend == "torch":
-        return reference_scale_residual_max_pool(z, ffn, gamma, size)
+        return reference.scale_residual_max_pool(z, ffn, gamma, size)
     y, _, _ = _scale_residual_max_pool_op(
         z.contiguous(), ffn.contiguous(), parameter_as_fp32(gamma), list(size), backend
     )
