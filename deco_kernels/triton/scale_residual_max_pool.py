@@ -62,7 +62,9 @@ def _scale_residual_max_pool_forward_kernel(
     f_pixel = ffn_ptr + _plane_offset(b, c, f_stride_b, f_stride_c)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_index = h_start * W + w_start
-    best_ffn = tl.zeros([BLOCK], tl.float32)
+    # An all -inf window reports its first element, like PyTorch, so that element's ffn feeds grad_gamma.
+    best_ffn = tl.load(f_pixel + h_start.to(tl.int64) * f_stride_h + w_start.to(tl.int64) * f_stride_w,
+                       mask=valid, other=0.0).to(tl.float32)
     for dh in range(0, max_window_h):
         h = h_start + dh
         row_ok = valid & (h < h_end)
