@@ -240,8 +240,12 @@ def test_bad_input_is_rejected_with_a_clear_error(target):
         call(z, ffn, gamma.long(), 2, backend=backend)
     with pytest.raises(ValueError, match="output_size must be"):
         call(z, ffn, gamma, (2, 0), backend=backend)
-    with pytest.raises(ValueError, match="H >= 1 and W >= 1"):
+    with pytest.raises(ValueError, match=r"z must have H >= 1 and W >= 1 \(B x H x W x C\)"):
         call(z[:, :0], ffn[:, :0], gamma, 2, backend=backend)
+    with pytest.raises(ValueError, match=r"z must have H >= 1 and W >= 1 \(B x H x W x C\)"):
+        call(z[:, :, :0], ffn[:, :, :0], gamma, 2, backend=backend)
+    with pytest.raises(ValueError, match=r"z must have C >= 1"):
+        call(z[..., :0], ffn[..., :0], gamma[:0], 2, backend=backend)
 
 
 def test_torch_backend_is_the_reference():

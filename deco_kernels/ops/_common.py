@@ -101,16 +101,20 @@ def empty_output(
     return out
 
 
-def check_activation(t: torch.Tensor, name: str, op: str) -> None:
-    """``t`` must be a 4-D (B x C x H x W) float32, float16 or bfloat16 tensor with H, W >= 1 (B may be 0)."""
+def check_activation(t: torch.Tensor, name: str, op: str, layout: str = "B x C x H x W") -> None:
+    """``t`` must be a 4-D float32, float16 or bfloat16 tensor with H, W >= 1 (B and C may be 0).
+
+    ``layout`` names its dims ("B x C x H x W", or "B x H x W x C" for channels-innermost operands).
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 4:
-        raise ValueError(f"{op}: {name} must be 4-D (B x C x H x W); got shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must be 4-D ({layout}); got shape {tuple(t.shape)}")
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16; got {t.dtype}")
-    if t.shape[2] < 1 or t.shape[3] < 1:
-        raise ValueError(f"{op}: {name} must have H >= 1 and W >= 1; got shape {tuple(t.shape)}")
+    dims = layout.split(" x ")
+    if t.shape[dims.index("H")] < 1 or t.shape[dims.index("W")] < 1:
+        raise ValueError(f"{op}: {name} must have H >= 1 and W >= 1 ({layout}); got shape {tuple(t.shape)}")
 
 
 def check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, op: str) -> None:

@@ -100,8 +100,10 @@ _scale_residual_max_pool_op.register_autograd(_backward, setup_context=_setup_co
 
 
 def _check_inputs(z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor) -> None:
-    check_activation(z, "z", _OP)
-    check_activation(ffn, "ffn", _OP)
+    check_activation(z, "z", _OP, layout="B x H x W x C")
+    check_activation(ffn, "ffn", _OP, layout="B x H x W x C")
+    if z.shape[3] < 1:
+        raise ValueError(f"{_OP}: z must have C >= 1 (B x H x W x C), as max pooling needs; got {tuple(z.shape)}")
     check_same_device(z, "z", ffn, "ffn", _OP)
     check_same_dtype(z, "z", ffn, "ffn", _OP)
     if ffn.shape != z.shape:
@@ -115,8 +117,6 @@ def _check_inputs(z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor) -> No
             f"{_OP}: gamma must have shape ({z.shape[3]},) (one per channel of the B x H x W x C z); "
             f"got {tuple(gamma.shape)}"
         )
-    if z.shape[1] < 1 or z.shape[2] < 1:
-        raise ValueError(f"{_OP}: z must have H >= 1 and W >= 1 (z is B x H x W x C); got {tuple(z.shape)}")
 
 
 def scale_residual_max_pool(
