@@ -6,6 +6,8 @@
 #   bash scripts/gpu_run.sh bench          # one device call
 #   bash scripts/gpu_run.sh e2e            # one device call
 #   bash scripts/gpu_run.sh autotune       # optional: torch.compile max-autotune baselines on the target shapes
+#   bash scripts/gpu_run.sh demo           # the README's main job (deco demo) on the GPU, fused kernels, 4 minutes;
+#                                          # needs pycocotools: run scripts/device_wheels.sh here, carry .whl
 #   bash scripts/gpu_run.sh all            # everything in order (only where no 10-minute limit applies)
 #
 # Every call prints the environment first and builds the CUDA extension if this machine has no build of it
@@ -14,7 +16,7 @@
 # benchmarks write their JSON after every measurement, so a step cut off keeps what it measured.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log,
 # bench.log, micro-core-<tag>.json, micro-extra-<tag>.json, e2e.log, e2e-<tag>.json (autotune:
-# autotune.log, micro-autotune-<tag>.json). <tag> = GPU model and date, e.g. h100-2026-11-23.
+# autotune.log, micro-autotune-<tag>.json; demo: demo.log, demo-<tag>.json). <tag> = GPU model and date, e.g. h100-2026-11-23.
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS
 # (options of python -m benchmarks.e2e).
 set -uo pipefail
@@ -40,6 +42,12 @@ left() {
 }
 
 note() { echo "=== [$(($(date +%s) - START_S)) s] $*"; }
+
+# Wheels carried in .whl/ (scripts/device_wheels.sh): this machine has no network.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/deco-site .whl/*.whl \
+        && export PYTHONPATH=/tmp/deco-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 step_env() {
     {
@@ -151,6 +159,16 @@ step_e2e() {
     report_targets
 }
 
+step_demo() {
+    ensure_build
+    note "deco demo on the GPU -> demo-$TAG.json (log: demo.log)"
+    local work=/tmp/deco-demo
+    timeout "$(left 330)" python -m deco.cli demo --minutes "${DEMO_MINUTES:-4}" --device cuda --out "$work" 2>&1 | tee "$OUT/demo.log"
+    local rc=${PIPESTATUS[0]}
+    ((rc != 0)) && echo "demo: rc $rc" && STATUS=1
+    [[ -s $work/demo_result.json ]] && cp "$work/demo_result.json" "$OUT/demo-$TAG.json"
+}
+
 report_targets() {
     local files=()
     for f in "$OUT"/micro-*.json "$OUT"/e2e-*.json; do [[ -s $f ]] && files+=("$f"); done
@@ -167,8 +185,9 @@ for step in "${steps[@]}"; do
         bench) step_bench ;;
         autotune) step_autotune ;;
         e2e) step_e2e ;;
+        demo) step_demo ;;
         all) step_build; step_test; step_bench; step_e2e; step_autotune ;;
-        *) echo "unknown step '$step'; expected build, test, bench, e2e, autotune or all" >&2; exit 2 ;;
+        *) echo "unknown step '$step'; expected build, test, bench, e2e, autotune, demo or all" >&2; exit 2 ;;
     esac
 done
 note "done (status $STATUS); files in $OUT:"
