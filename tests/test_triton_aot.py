@@ -80,9 +80,11 @@ def _compile_all() -> dict[str, dict[str, dict]]:
 
 @pytest.fixture(scope="module")
 def report():
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = Path(__file__).parent.parent
+    # PYTHONPATH: the subprocess compiles this checkout's kernels, whatever deco_kernels is installed.
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, __file__], env=environment, capture_output=True, text=True,
-                            timeout=COMPILE_TIMEOUT_S, cwd=Path(__file__).parent.parent)
+                            timeout=COMPILE_TIMEOUT_S, cwd=root)
     assert result.returncode == 0, f"compile subprocess failed:\n{result.stderr[-4000:]}"
     compiled = json.loads(result.stdout.strip().splitlines()[-1])
     print("\n" + f"{'kernel':<64} {'arch':<7} {'regs':>5} {'shared':>7} {'local':>6} {'stack':>6} {'spills':>7}")
