@@ -1,8 +1,9 @@
 """The benchmark matrix: shapes per op, grouped by where they occur, and the options that select subsets.
 
 Groups: ``deco`` (decoder maps of DECO at 800x1333: C 480, stride 32 = 25 x 42, batch 2/8/32; the SIM's
-10 x 10 query map), ``deco-enc`` (encoder widths 120/240 at 25 x 42, 7x7), ``stride16`` (50 x 84) and
-``stride8`` (100 x 167) maps of the multi-scale DECO+ (C 256, batch 8) with kernels 7, 9, 13, 31.
+10 x 10 query map; for depthwise_conv2d_layernorm also the last encoder stage, C 480 7x7), ``deco-enc``
+(encoder widths 120/240 at 25 x 42, 7x7), ``stride16`` (50 x 84) and ``stride8`` (100 x 167) maps of the
+multi-scale DECO+ (C 256, batch 8) with kernels 7, 9, 13, 31 (7 and 9 for depthwise_conv2d_layernorm).
 ``smoke`` holds tiny shapes for the CPU run in CI. Each case's ``shape`` dict has the keys the cost model
 of :mod:`benchmarks.roofline` reads.
 """
@@ -13,7 +14,14 @@ from dataclasses import dataclass
 
 __all__ = ["Case", "GROUPS", "LARGE_GROUPS", "OPS", "cases"]
 
-OPS = ("depthwise_conv2d", "upsample_add_conv", "adaptive_max_pool2d", "adaptive_avg_pool2d", "scale_residual_max_pool")
+OPS = (
+    "depthwise_conv2d",
+    "depthwise_conv2d_layernorm",
+    "upsample_add_conv",
+    "adaptive_max_pool2d",
+    "adaptive_avg_pool2d",
+    "scale_residual_max_pool",
+)
 GROUPS = ("deco", "deco-enc", "stride16", "stride8", "smoke")
 LARGE_GROUPS = ("stride16", "stride8")  # bandwidth/arithmetic-bound: where the roofline target applies
 
@@ -71,6 +79,26 @@ def _depthwise_cases() -> list[Case]:
     return found
 
 
+def _depthwise_layernorm_cases() -> list[Case]:
+    """The front of every encoder block (7x7 at C 120/240/480) and SIM (9x9 on the 10 x 10 query map), and the
+    DECO+ encoder's blocks (C 256, 7x7) at the multi-scale sizes."""
+    h, w = DECO_HW
+    op = "depthwise_conv2d_layernorm"
+    found = [_case(op, "deco", B=b, C=480, H=h, W=w, kh=7, kw=7) for b in DECO_BATCHES]
+    found += [_case(op, "deco", B=b, C=480, H=10, W=10, kh=9, kw=9) for b in DECO_BATCHES]
+    found += [_case(op, "deco-enc", B=b, C=c, H=h, W=w, kh=7, kw=7) for c in (120, 240) for b in DECO_BATCHES]
+    found += [
+        _case(op, group, B=MULTISCALE_BATCH, C=MULTISCALE_CHANNELS, H=mh, W=mw, kh=k, kw=k)
+        for group, (mh, mw) in MULTISCALE.items()
+        for k in (7, 9)
+    ]
+    found += [
+        _case(op, "smoke", B=2, C=5, H=7, W=9, kh=3, kw=3),
+        _case(op, "smoke", B=1, C=3, H=6, W=5, kh=9, kw=9),
+    ]
+    return found
+
+
 def _upsample_add_conv_cases() -> list[Case]:
     qh, qw = QUERY_GRID
     h, w = DECO_HW
@@ -112,6 +140,7 @@ def cases(
         raise ValueError(f"groups must be among {GROUPS}; got {sorted(unknown)}")
     every = {
         "depthwise_conv2d": _depthwise_cases,
+        "depthwise_conv2d_layernorm": _depthwise_layernorm_cases,
         "upsample_add_conv": _upsample_add_conv_cases,
         "adaptive_max_pool2d": lambda: _pool_cases("adaptive_max_pool2d"),
         "adaptive_avg_pool2d": lambda: _pool_cases("adaptive_avg_pool2d"),

@@ -77,6 +77,12 @@ def make_inputs(case: Case, dtype: torch.dtype, provider: str, device: torch.dev
         x = activation(b, c, dims["H"], dims["W"])
         weight, bias = parameter(c, 1, dims["kh"], dims["kw"]), parameter(c)
         return Inputs([x, weight, bias], (), [x, weight, bias])
+    if case.op == "depthwise_conv2d_layernorm":
+        x = activation(b, c, dims["H"], dims["W"])
+        weight, bias = parameter(c, 1, dims["kh"], dims["kw"]), parameter(c)
+        norm_weight, norm_bias = parameter(c), parameter(c)
+        tensors = [x, weight, bias, norm_weight, norm_bias]
+        return Inputs(tensors, (), list(tensors))
     if case.op == "upsample_add_conv":
         query = activation(b, c, dims["Hq"], dims["Wq"])
         memory = activation(b, c, dims["H"], dims["W"])

@@ -62,6 +62,23 @@ def _depthwise(shape: dict, element_bytes: int, pass_: str) -> Cost:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 
 
+def _depthwise_layernorm(shape: dict, element_bytes: int, pass_: str) -> Cost:
+    b, c, h, w, kh, kw = (shape[k] for k in ("B", "C", "H", "W", "kh", "kw"))
+    n = b * c * h * w
+    params = c * (kh * kw + 3) * _PARAM_BYTES  # conv weight and bias, norm weight and bias
+    # fwd: read x, write the B x H x W x C output (the conv output is never written); conv taps + bias, then
+    # per element the mean (1 add), the variance (1 subtract + 1 multiply-add) and the normalised affine
+    # output (1 subtract, 1 multiply, 1 multiply-add): 8 FLOP.
+    fwd = Cost(2 * n * element_bytes + params, 2 * n * kh * kw + n + 8 * n)
+    # bwd: read grad_out and x, write grad_x and the parameter gradients. The least-traffic backward
+    # recomputes the conv output (taps + bias) and xhat (2), then per element g * norm_weight (1), the two
+    # channel sums (1 add, 1 multiply-add), the conv output's gradient (3 + 1 multiply) and the norm
+    # parameter sums (1 multiply-add, 1 add): 14 FLOP; then the depthwise backward (grad input + grad weight
+    # taps, grad bias).
+    bwd = Cost(3 * n * element_bytes + 2 * params, 2 * n * kh * kw + n + 14 * n + 4 * n * kh * kw + n)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+
+
 def _upsample_add_conv(shape: dict, element_bytes: int, pass_: str) -> Cost:
     b, c, hq, wq, h, w, kh, kw = (shape[k] for k in ("B", "C", "Hq", "Wq", "H", "W", "kh", "kw"))
     n = b * c * h * w
@@ -111,6 +128,8 @@ def cost(op: str, shape: dict, dtype: torch.dtype, pass_: str) -> Cost:
     element_bytes = torch.empty((), dtype=dtype).element_size()
     if op == "depthwise_conv2d":
         return _depthwise(shape, element_bytes, pass_)
+    if op == "depthwise_conv2d_layernorm":
+        return _depthwise_layernorm(shape, element_bytes, pass_)
     if op == "upsample_add_conv":
         return _upsample_add_conv(shape, element_bytes, pass_)
     if op == "adaptive_max_pool2d":

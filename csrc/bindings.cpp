@@ -1,4 +1,4 @@
-// Registers the ten primitives as torch.ops.deco_kernels_C.* for the CUDA and CPU dispatch keys. Backward
+// Registers the primitives as torch.ops.deco_kernels_C.* for the CUDA and CPU dispatch keys. Backward
 // primitives return undefined tensors (None in Python) for outputs whose output_mask entry is false.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -41,6 +41,24 @@ TORCH_LIBRARY(deco_kernels_C, m) {
 TORCH_LIBRARY_IMPL(deco_kernels_C, CUDA, m) { DECO_REGISTER_PRIMITIVES(deco::cuda) }
 
 TORCH_LIBRARY_IMPL(deco_kernels_C, CPU, m) { DECO_REGISTER_PRIMITIVES(deco::cpu) }
+
+// depthwise_conv2d_layernorm's primitives.
+TORCH_LIBRARY_FRAGMENT(deco_kernels_C, m) {
+  m.def(
+      "depthwise_conv2d_layernorm_forward(Tensor x, Tensor weight, Tensor? bias, Tensor norm_weight, "
+      "Tensor norm_bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "depthwise_conv2d_layernorm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor norm_weight, Tensor mean, Tensor rstd, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+#define DECO_REGISTER_CONV_LAYERNORM_PRIMITIVES(NAMESPACE)                                          \
+  m.impl("depthwise_conv2d_layernorm_forward", &NAMESPACE::depthwise_conv2d_layernorm_forward);   \
+  m.impl("depthwise_conv2d_layernorm_backward", &NAMESPACE::depthwise_conv2d_layernorm_backward);
+
+TORCH_LIBRARY_IMPL(deco_kernels_C, CUDA, m) { DECO_REGISTER_CONV_LAYERNORM_PRIMITIVES(deco::cuda) }
+
+TORCH_LIBRARY_IMPL(deco_kernels_C, CPU, m) { DECO_REGISTER_CONV_LAYERNORM_PRIMITIVES(deco::cpu) }
 
 // Importing deco_kernels._C runs the registrations above; the module itself has no attributes.
 PYBIND11_MODULE(_C, module) { module.doc() = "deco_kernels CUDA/CPU primitives: see torch.ops.deco_kernels_C"; }

@@ -69,11 +69,70 @@ struct CpuBackend {
       }
     }
   }
+
+  // depthwise_conv2d_layernorm: the blocks of kernels.cu's conv_layernorm_*_kernel, one after another; a
+  // warp's reduction of pixel slot p is its 32 lane sums and the butterfly.
+  template <class LaneSum>
+  static float warp_total(const LaneSum& lane_sum) {
+    float lanes[kWarp];
+    for (int lane = 0; lane < kWarp; ++lane) lanes[lane] = lane_sum(lane);
+    return butterfly_sum(lanes);
+  }
+
+  template <class Pass>
+  static void conv_layernorm_forward(const Pass& pass) {
+    const int channels = pass.s.channels, pixels = pass.tiling.pixels;
+    std::vector<float> y_tile(pass.tile_elements()), mean_tile(pixels), rstd_tile(pixels);
+    for (int tile = 0; tile < pass.tiling.tiles; ++tile) {
+      for (int e = 0; e < pass.tile_elements(); ++e) pass.conv_element(tile, e, y_tile.data());
+      for (int p = 0; p < pixels; ++p) {
+        const float* row = y_tile.data() + p * channels;
+        const float mean = layer_norm_channel_mean(
+            warp_total([&](int lane) { return layer_norm_lane_sum(row, channels, lane); }), channels);
+        const float squares =
+            warp_total([&](int lane) { return layer_norm_lane_centred_squares(row, channels, lane, mean); });
+        pass.store_statistics(tile, p, mean, squares, mean_tile.data(), rstd_tile.data());
+      }
+      for (int e = 0; e < pass.tile_elements(); ++e)
+        pass.output_element(tile, e, y_tile.data(), mean_tile.data(), rstd_tile.data());
+    }
+  }
+
+  template <class Pass>
+  static void conv_layernorm_backward(const Pass& pass) {
+    const int channels = pass.s.channels, pixels = pass.tiling.pixels;
+    std::vector<float> xhat_tile(pass.tile_elements()), g_tile(pass.tile_elements()), mean_g_tile(pixels),
+        mean_g_xhat_tile(pixels);
+    for (int tile = 0; tile < pass.tiling.tiles; ++tile) {
+      for (int e = 0; e < pass.tile_elements(); ++e) {
+        pass.xhat_element(tile, e, xhat_tile.data());
+        pass.grad_out_element(tile, e, g_tile.data());
+      }
+      if (pass.partials != nullptr)
+        for (int c = 0; c < channels; ++c) pass.norm_partials(tile, c, xhat_tile.data(), g_tile.data());
+      if (pass.grad_y == nullptr) continue;
+      for (int p = 0; p < pixels; ++p) {
+        const float* g_row = g_tile.data() + p * channels;
+        const float* xhat_row = xhat_tile.data() + p * channels;
+        mean_g_tile[p] = layer_norm_channel_mean(
+            warp_total([&](int lane) { return layer_norm_lane_scaled_sum(g_row, pass.norm_weight, channels, lane); }),
+            channels);
+        mean_g_xhat_tile[p] = layer_norm_channel_mean(warp_total([&](int lane) {
+                                                        return layer_norm_lane_scaled_dot(g_row, pass.norm_weight,
+                                                                                          xhat_row, channels, lane);
+                                                      }),
+                                                      channels);
+      }
+      for (int e = 0; e < pass.tile_elements(); ++e)
+        pass.grad_y_element(tile, e, xhat_tile.data(), g_tile.data(), mean_g_tile.data(), mean_g_xhat_tile.data());
+    }
+  }
 };
 
 }  // namespace
 
 namespace cpu {
 DECO_DEFINE_PRIMITIVES(CpuBackend)
+DECO_DEFINE_CONV_LAYERNORM_PRIMITIVES(CpuBackend)
 }  // namespace cpu
 }  // namespace deco

@@ -680,4 +680,243 @@ struct GammaGradReduceOp {
   }
 };
 
+// ---------------------------------------------------------------------------------------------------------
+// depthwise_conv2d_layernorm: LayerNorm over the channels of the depthwise conv output, written B x H x W x C,
+// without writing the conv output. One block per tile of `pixels` consecutive flat pixels (h * W + w) of one
+// image times all C channels; the tile's fp32 values live in shared memory (on the CPU: a local buffer),
+// row-major by pixel. Passes of a block, separated by barriers:
+//   1. every thread computes tile elements (conv outputs; in backward also grad_out): element order follows
+//      x's contiguous axis (or grad_out's channels), so global reads are coalesced;
+//   2. each warp reduces whole pixels over channels: per-lane sums, the xor butterfly, lane 0's total;
+//   3. every thread writes tile elements (forward: BHWC out, c fastest; backward: grad of the conv output in
+//      x's format).
+// The backward's norm_weight/norm_bias gradients: each block sums its pixels per channel in a fixed order
+// into its own row of a partials buffer, and a second pass adds the rows in a fixed order (no atomics).
+
+constexpr int kLayerNormMaxChannels = 2048;
+constexpr int kLayerNormThreads = 256;
+constexpr int kLayerNormTileElements = 4096;  // 16 KB of fp32 per tile buffer; >= kLayerNormMaxChannels
+constexpr int kLayerNormMaxPixels = 32;
+
+// Tiles are numbered with ints (the host checks that they fit): a 64-bit division is a subroutine call on
+// the GPU, whose register saves put loop invariants on the stack.
+struct LayerNormTiling {
+  int pixels;           // pixels per tile: as many as fit kLayerNormTileElements, at most kLayerNormMaxPixels
+  int tiles_per_image;  // tiles of one image's H * W pixels
+  int64_t tiles;        // B * tiles_per_image, one block each
+  int image_pixels;     // H * W
+
+  DECO_HD int image(int tile) const { return tile / tiles_per_image; }
+  // Pixel slot p of a tile: its h * W + w in the image (>= image_pixels: past the image's end) ...
+  DECO_HD int pixel(int tile, int p) const { return (tile % tiles_per_image) * pixels + p; }
+  // ... and its flat (b, h, w) index into B x H x W (x C) tensors.
+  DECO_HD int64_t flat_pixel(int tile, int p) const {
+    return static_cast<int64_t>(image(tile)) * image_pixels + pixel(tile, p);
+  }
+};
+
+DECO_HD LayerNormTiling make_layer_norm_tiling(const ConvShape& s) {
+  LayerNormTiling t;
+  const int fit = kLayerNormTileElements / s.channels;
+  t.pixels = fit < kLayerNormMaxPixels ? fit : kLayerNormMaxPixels;
+  t.tiles_per_image = (s.height * s.width + t.pixels - 1) / t.pixels;
+  t.tiles = static_cast<int64_t>(s.batch) * t.tiles_per_image;
+  t.image_pixels = s.height * s.width;
+  return t;
+}
+
+// Element e of a tile: pixel slot p and channel c, with c fastest when `channels_fastest`, else p.
+DECO_HD void layer_norm_tile_slot(int e, int pixels, int channels, bool channels_fastest, int& p, int& c) {
+  if (channels_fastest) {
+    p = e / channels;
+    c = e % channels;
+  } else {
+    c = e / pixels;
+    p = e % pixels;
+  }
+}
+
+// The depthwise 'same' conv output (+ bias) at one position: the strip pass of one output.
+template <class Source>
+DECO_HD float conv_output_at(const Source& in, const float* weight, const float* bias, const ConvShape& s, int b,
+                             int c, int y, int x) {
+  const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
+  float acc[1] = {};
+  conv_strip(reader, weight + static_cast<int64_t>(c) * s.kh * s.kw, s.kh, s.kw, acc);
+  return BiasEpilogue{bias}(b, c, y, x, acc[0]);
+}
+
+// Lane `lane`'s share of sum_c row[c], of sum_c (row[c] - mean)^2 and of sum_c a[c] * w[c] (* b[c]), over
+// c = lane, lane + 32, ...
+DECO_HD float layer_norm_lane_sum(const float* row, int channels, int lane) {
+  float sum = 0.0f;
+  for (int c = lane; c < channels; c += kWarp) sum += row[c];
+  return sum;
+}
+
+DECO_HD float layer_norm_lane_centred_squares(const float* row, int channels, int lane, float mean) {
+  float sum = 0.0f;
+  for (int c = lane; c < channels; c += kWarp) {
+    const float d = row[c] - mean;
+    sum = fmaf(d, d, sum);
+  }
+  return sum;
+}
+
+DECO_HD float layer_norm_lane_scaled_sum(const float* row, const float* scale, int channels, int lane) {
+  float sum = 0.0f;
+  for (int c = lane; c < channels; c += kWarp) sum = fmaf(row[c], scale[c], sum);
+  return sum;
+}
+
+DECO_HD float layer_norm_lane_scaled_dot(const float* row, const float* scale, const float* other, int channels,
+                                         int lane) {
+  float sum = 0.0f;
+  for (int c = lane; c < channels; c += kWarp) sum = fmaf(row[c] * scale[c], other[c], sum);
+  return sum;
+}
+
+DECO_HD float layer_norm_channel_mean(float sum, int channels) { return sum / static_cast<float>(channels); }
+
+DECO_HD float reciprocal_sqrt(float v) { return 1.0f / sqrtf(v); }  // IEEE sqrt and division on both builds
+
+// Forward passes of one tile (block `tile`). `y_tile`: pixels x C; `mean_tile`, `rstd_tile`: pixels.
+template <typename T, class Source>
+struct ConvLayerNormForwardPass {
+  ConvShape s;
+  LayerNormTiling tiling;
+  bool channels_last;  // x's layout
+  Source in;
+  const float* weight;  // C x kh x kw
+  const float* bias;    // C or nullptr
+  const float* norm_weight;
+  const float* norm_bias;
+  float eps;
+  T* out;       // B x H x W x C
+  float* mean;  // B x H x W
+  float* rstd;  // B x H x W
+
+  DECO_HD int tile_elements() const { return tiling.pixels * s.channels; }
+
+  // Pass 1: element e of the tile, the conv output (0 past the image).
+  DECO_HD void conv_element(int tile, int e, float* y_tile) const {
+    int p, c;
+    layer_norm_tile_slot(e, tiling.pixels, s.channels, channels_last, p, c);
+    const int pixel = tiling.pixel(tile, p);
+    y_tile[p * s.channels + c] =
+        pixel < tiling.image_pixels
+            ? conv_output_at(in, weight, bias, s, tiling.image(tile), c, pixel / s.width, pixel % s.width)
+            : 0.0f;
+  }
+
+  // Pass 2, from the butterfly totals of pixel slot p (the channel mean, then the sum of squared deviations
+  // from it): its mean and rstd, into the tile and the saved outputs.
+  DECO_HD void store_statistics(int tile, int p, float mean_value, float centred_squares, float* mean_tile,
+                                float* rstd_tile) const {
+    const float rstd_value = reciprocal_sqrt(centred_squares / static_cast<float>(s.channels) + eps);
+    mean_tile[p] = mean_value;
+    rstd_tile[p] = rstd_value;
+    if (tiling.pixel(tile, p) < tiling.image_pixels) {
+      mean[tiling.flat_pixel(tile, p)] = mean_value;
+      rstd[tiling.flat_pixel(tile, p)] = rstd_value;
+    }
+  }
+
+  // Pass 3: element e (c fastest) of the normalised output.
+  DECO_HD void output_element(int tile, int e, const float* y_tile, const float* mean_tile,
+                              const float* rstd_tile) const {
+    const int p = e / s.channels, c = e % s.channels;
+    if (tiling.pixel(tile, p) >= tiling.image_pixels) return;
+    const float normalised = (y_tile[e] - mean_tile[p]) * rstd_tile[p];
+    out[tiling.flat_pixel(tile, p) * s.channels + c] = static_cast<T>(fmaf(normalised, norm_weight[c], norm_bias[c]));
+  }
+};
+
+// Backward passes of one tile: xhat (recomputed), grad_out, then grad of the conv output and the per-tile
+// partial sums of the norm parameters' gradients.
+template <typename T, class Source>
+struct ConvLayerNormBackwardPass {
+  ConvShape s;
+  LayerNormTiling tiling;
+  bool channels_last;
+  Source in;
+  const float* weight;
+  const float* bias;
+  const float* norm_weight;
+  const float* mean;  // B x H x W, saved by the forward
+  const float* rstd;
+  const T* grad_out;  // B x H x W x C, contiguous
+  T* grad_y;          // B x C x H x W in x's format, or nullptr: not wanted
+  Layout grad_y_layout;
+  float* partials;  // tiles x 2C: sum_p grad_out * xhat, then sum_p grad_out; or nullptr: not wanted
+
+  DECO_HD int tile_elements() const { return tiling.pixels * s.channels; }
+
+  // Pass 1a: element e (x's order) of xhat = (y - mean) * rstd (0 past the image).
+  DECO_HD void xhat_element(int tile, int e, float* xhat_tile) const {
+    int p, c;
+    layer_norm_tile_slot(e, tiling.pixels, s.channels, channels_last, p, c);
+    const int pixel = tiling.pixel(tile, p);
+    float value = 0.0f;
+    if (pixel < tiling.image_pixels) {
+      const int64_t flat = tiling.flat_pixel(tile, p);
+      const float y = conv_output_at(in, weight, bias, s, tiling.image(tile), c, pixel / s.width, pixel % s.width);
+      value = (y - mean[flat]) * rstd[flat];
+    }
+    xhat_tile[p * s.channels + c] = value;
+  }
+
+  // Pass 1b: element e (c fastest) of grad_out (0 past the image).
+  DECO_HD void grad_out_element(int tile, int e, float* g_tile) const {
+    const int p = e / s.channels;
+    g_tile[e] = tiling.pixel(tile, p) < tiling.image_pixels
+                    ? static_cast<float>(grad_out[tiling.flat_pixel(tile, 0) * s.channels + e])
+                    : 0.0f;
+  }
+
+  // Pass 2 (per channel c, pixels in order): this tile's row of the norm-parameter partial sums.
+  DECO_HD void norm_partials(int tile, int c, const float* xhat_tile, const float* g_tile) const {
+    float weight_sum = 0.0f, bias_sum = 0.0f;
+    for (int p = 0; p < tiling.pixels; ++p) {
+      const float g = g_tile[p * s.channels + c];
+      weight_sum = fmaf(g, xhat_tile[p * s.channels + c], weight_sum);
+      bias_sum += g;
+    }
+    float* row = partials + static_cast<int64_t>(tile) * 2 * s.channels;
+    row[c] = weight_sum;
+    row[s.channels + c] = bias_sum;
+  }
+
+  // Pass 3: element e (x's order) of grad_y = rstd * (g' - mean_c g' - xhat * mean_c(g' * xhat)), g' = g * w,
+  // from the pixel's two channel means (pass 2: layer_norm_lane_scaled_sum and _scaled_dot, butterfly, mean).
+  DECO_HD void grad_y_element(int tile, int e, const float* xhat_tile, const float* g_tile,
+                              const float* mean_g_tile, const float* mean_g_xhat_tile) const {
+    int p, c;
+    layer_norm_tile_slot(e, tiling.pixels, s.channels, channels_last, p, c);
+    const int pixel = tiling.pixel(tile, p);
+    if (pixel >= tiling.image_pixels) return;
+    const int slot = p * s.channels + c;
+    const float centred = g_tile[slot] * norm_weight[c] - mean_g_tile[p];
+    const float value = fmaf(-xhat_tile[slot], mean_g_xhat_tile[p], centred) * rstd[tiling.flat_pixel(tile, p)];
+    grad_y[grad_y_layout.at(tiling.image(tile), c, pixel / s.width, pixel % s.width)] = static_cast<T>(value);
+  }
+};
+
+// Element e < 2C: the sum over tiles, in order, of column e of the partials; the first C are norm_weight's.
+struct LayerNormParamGradReduceOp {
+  const float* partials;  // tiles x 2C
+  int tiles, channels;
+  float* grad_norm_weight;
+  float* grad_norm_bias;
+  DECO_HD int64_t size() const { return 2 * static_cast<int64_t>(channels); }
+  DECO_HD void operator()(int64_t e) const {
+    float total = 0.0f;
+    for (int tile = 0; tile < tiles; ++tile) total += partials[static_cast<int64_t>(tile) * 2 * channels + e];
+    if (e < channels)
+      grad_norm_weight[e] = total;
+    else
+      grad_norm_bias[e - channels] = total;
+  }
+};
+
 }  // namespace deco

@@ -14,6 +14,8 @@
 // - CIM back end (max pool of z + gamma * ffn, B x H x W x C): one thread per pooled element, c fastest so a
 //   warp reads consecutive channels; its gamma gradient sums grad_y * ffn[argmax] per (32-position split,
 //   channel), then adds each channel's splits in order: deterministic, no atomics.
+// - Conv + LayerNorm: a 256-thread block per tile of pixels x all channels (fp32 in shared memory); conv
+//   outputs read in x's coalesced order, one warp per pixel for the channel statistics, BHWC stores.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -74,6 +76,74 @@ __global__ void __launch_bounds__(kGradThreads)
   }
 }
 
+// depthwise_conv2d_layernorm (kernel_math.h): one block per tile of pixels x all channels, the tile's fp32
+// values in shared memory; each warp reduces whole pixels over channels.
+
+// The xor butterfly of kernel_math.h's lane sums; every lane gets lane 0's total (the CPU build's value), so
+// the lanes go on with bitwise the same statistic.
+__device__ __forceinline__ float warp_butterfly_total(float sum) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  return __shfl_sync(0xffffffffu, sum, 0);
+}
+
+template <class Pass>
+__global__ void __launch_bounds__(kLayerNormThreads) conv_layernorm_forward_kernel(const Pass pass) {
+  extern __shared__ float shared[];
+  const int channels = pass.s.channels, elements = pass.tile_elements();
+  float* y_tile = shared;
+  float* mean_tile = shared + elements;
+  float* rstd_tile = mean_tile + pass.tiling.pixels;
+  const int tile = blockIdx.x;
+  for (int e = threadIdx.x; e < elements; e += kLayerNormThreads) pass.conv_element(tile, e, y_tile);
+  __syncthreads();
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int p = warp; p < pass.tiling.pixels; p += kLayerNormThreads / kWarp) {
+    const float* row = y_tile + p * channels;
+    const float mean = layer_norm_channel_mean(warp_butterfly_total(layer_norm_lane_sum(row, channels, lane)), channels);
+    const float squares = warp_butterfly_total(layer_norm_lane_centred_squares(row, channels, lane, mean));
+    if (lane == 0) pass.store_statistics(tile, p, mean, squares, mean_tile, rstd_tile);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < elements; e += kLayerNormThreads)
+    pass.output_element(tile, e, y_tile, mean_tile, rstd_tile);
+}
+
+template <class Pass>
+__global__ void __launch_bounds__(kLayerNormThreads) conv_layernorm_backward_kernel(const Pass pass) {
+  extern __shared__ float shared[];
+  const int channels = pass.s.channels, elements = pass.tile_elements();
+  float* xhat_tile = shared;
+  float* g_tile = shared + elements;
+  float* mean_g_tile = g_tile + elements;
+  float* mean_g_xhat_tile = mean_g_tile + pass.tiling.pixels;
+  const int tile = blockIdx.x;
+  for (int e = threadIdx.x; e < elements; e += kLayerNormThreads) {
+    pass.xhat_element(tile, e, xhat_tile);
+    pass.grad_out_element(tile, e, g_tile);
+  }
+  __syncthreads();
+  if (pass.partials != nullptr)
+    for (int c = threadIdx.x; c < channels; c += kLayerNormThreads) pass.norm_partials(tile, c, xhat_tile, g_tile);
+  if (pass.grad_y == nullptr) return;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int p = warp; p < pass.tiling.pixels; p += kLayerNormThreads / kWarp) {
+    const float* g_row = g_tile + p * channels;
+    const float mean_g = layer_norm_channel_mean(
+        warp_butterfly_total(layer_norm_lane_scaled_sum(g_row, pass.norm_weight, channels, lane)), channels);
+    const float mean_g_xhat = layer_norm_channel_mean(
+        warp_butterfly_total(
+            layer_norm_lane_scaled_dot(g_row, pass.norm_weight, xhat_tile + p * channels, channels, lane)),
+        channels);
+    if (lane == 0) {
+      mean_g_tile[p] = mean_g;
+      mean_g_xhat_tile[p] = mean_g_xhat;
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < elements; e += kLayerNormThreads)
+    pass.grad_y_element(tile, e, xhat_tile, g_tile, mean_g_tile, mean_g_xhat_tile);
+}
+
 int64_t blocks_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   TORCH_CHECK(blocks <= INT_MAX, "deco_kernels: ", n, " elements exceed one CUDA grid");
@@ -112,11 +182,29 @@ struct CudaBackend {
         s, tiling, in, grad_out, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
+  // depthwise_conv2d_layernorm: one block per tile (0 < pass.tiling.tiles <= INT_MAX, checked by the host).
+  template <class Pass>
+  static void conv_layernorm_forward(const Pass& pass) {
+    const size_t shared_bytes = sizeof(float) * (pass.tile_elements() + 2 * pass.tiling.pixels);  // <= 16.25 KB
+    conv_layernorm_forward_kernel<<<pass.tiling.tiles, kLayerNormThreads, shared_bytes,
+                                    c10::cuda::getCurrentCUDAStream()>>>(pass);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <class Pass>
+  static void conv_layernorm_backward(const Pass& pass) {
+    const size_t shared_bytes = sizeof(float) * 2 * (pass.tile_elements() + pass.tiling.pixels);  // <= 32.25 KB
+    conv_layernorm_backward_kernel<<<pass.tiling.tiles, kLayerNormThreads, shared_bytes,
+                                     c10::cuda::getCurrentCUDAStream()>>>(pass);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 };
 
 }  // namespace
 
 namespace cuda {
 DECO_DEFINE_PRIMITIVES(CudaBackend)
+DECO_DEFINE_CONV_LAYERNORM_PRIMITIVES(CudaBackend)
 }  // namespace cuda
 }  // namespace deco

@@ -1,5 +1,5 @@
-// The ten primitives of deco_kernels, one set per device (kernels.cu: CUDA, cpu_kernels.cpp: CPU); both are
-// Ops<Backend> from ops_host.h. Registered as torch.ops.deco_kernels_C.* in bindings.cpp.
+// The primitives of deco_kernels, one set per device (kernels.cu: CUDA, cpu_kernels.cpp: CPU); both are
+// Ops<Backend> and ConvLayerNormOps<Backend> from ops_host.h. Registered as torch.ops.deco_kernels_C.* in bindings.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -72,11 +72,38 @@
     return Ops<BACKEND>::scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, input_size);      \
   }
 
+// depthwise_conv2d_layernorm's two primitives (ConvLayerNormOps<BACKEND> of ops_host.h).
+#define DECO_DECLARE_CONV_LAYERNORM_PRIMITIVES                                                                   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_layernorm_forward(                            \
+      const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,                     \
+      const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps);                                  \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_layernorm_backward(   \
+      const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,                                \
+      const c10::optional<at::Tensor>& bias, const at::Tensor& norm_weight, const at::Tensor& mean,            \
+      const at::Tensor& rstd, std::array<bool, 5> output_mask);
+
+#define DECO_DEFINE_CONV_LAYERNORM_PRIMITIVES(BACKEND)                                                          \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_layernorm_forward(                            \
+      const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,                     \
+      const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {                                 \
+    return ConvLayerNormOps<BACKEND>::depthwise_conv2d_layernorm_forward(x, weight, bias, norm_weight,          \
+                                                                         norm_bias, eps);                       \
+  }                                                                                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_layernorm_backward(   \
+      const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,                                \
+      const c10::optional<at::Tensor>& bias, const at::Tensor& norm_weight, const at::Tensor& mean,            \
+      const at::Tensor& rstd, std::array<bool, 5> output_mask) {                                                \
+    return ConvLayerNormOps<BACKEND>::depthwise_conv2d_layernorm_backward(grad_out, x, weight, bias,            \
+                                                                          norm_weight, mean, rstd, output_mask); \
+  }
+
 namespace deco {
 namespace cpu {
 DECO_DECLARE_PRIMITIVES
+DECO_DECLARE_CONV_LAYERNORM_PRIMITIVES
 }  // namespace cpu
 namespace cuda {
 DECO_DECLARE_PRIMITIVES
+DECO_DECLARE_CONV_LAYERNORM_PRIMITIVES
 }  // namespace cuda
 }  // namespace deco

@@ -1,4 +1,4 @@
-// Host side of the ten primitives, written once for both builds: argument checks, memory-format handling,
+// Host side of the primitives, written once for both builds: argument checks, memory-format handling,
 // output allocation and the sequence of passes. `Backend` (CudaBackend in kernels.cu, CpuBackend in
 // cpu_kernels.cpp) only says how a pass runs over its grid:
 //   Backend::Guard                      device guard constructed from the inputs' device
@@ -451,6 +451,120 @@ struct Ops {
                                                     layout_of(grad_x, cl)});
     });
     return grad_x;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// depthwise_conv2d_layernorm (kernel_math.h's ConvLayerNorm*Pass): LayerNorm over the channels of the
+// depthwise conv, B x H x W x C out. Backend additionally provides
+//   Backend::conv_layernorm_forward(pass), Backend::conv_layernorm_backward(pass)   the tiled passes
+// and the backward hands the conv output's gradient to Ops<Backend>::depthwise_conv2d_backward.
+
+template <class Backend>
+struct ConvLayerNormOps {
+  static void check_parameters(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& norm_weight) {
+    check_activation(x, "x", x, "x");
+    TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= kLayerNormMaxChannels, "x must have 1..", kLayerNormMaxChannels,
+                " channels (the LayerNorm runs over them in one block), got shape ", x.sizes());
+    check_weight(weight, x, "x");
+    check_bias(bias, x, "x");
+    check_channel_vector(norm_weight, "norm_weight", x.size(1), x, "x");
+  }
+
+  static const float* bias_data(const at::Tensor& b) { return b.defined() ? b.data_ptr<float>() : nullptr; }
+
+  static LayerNormTiling tiling_of(const ConvShape& s) {
+    const LayerNormTiling tiling = make_layer_norm_tiling(s);
+    TORCH_CHECK(tiling.tiles <= INT_MAX, "deco_kernels: ", tiling.tiles, " tiles of ", tiling.pixels,
+                " pixels exceed one grid (the batch is too large)");
+    return tiling;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_layernorm_forward(
+      const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+      const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {
+    check_parameters(x, weight, bias, norm_weight);
+    check_channel_vector(norm_bias, "norm_bias", x.size(1), x, "x");
+    TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+    typename Backend::Guard guard(x.device());
+    const bool cl = is_channels_last(x);
+    const at::Tensor xc = in_format(x, cl);
+    const at::Tensor w = fp32_contiguous(weight);
+    const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
+    const at::Tensor nw = fp32_contiguous(norm_weight), nb = fp32_contiguous(norm_bias);
+    at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, xc.options());
+    at::Tensor mean = at::empty({x.size(0), x.size(2), x.size(3)}, xc.options().dtype(at::kFloat));
+    at::Tensor rstd = at::empty_like(mean);
+    if (out.numel() == 0) return {out, mean, rstd};
+    const ConvShape s = conv_shape(xc, w);
+    DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_forward", [&] {
+      Backend::conv_layernorm_forward(ConvLayerNormForwardPass<scalar_t, TensorSource<scalar_t>>{
+          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), w.data_ptr<float>(), bias_data(b),
+          nw.data_ptr<float>(), nb.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<scalar_t>(),
+          mean.data_ptr<float>(), rstd.data_ptr<float>()});
+    });
+    return {out, mean, rstd};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_layernorm_backward(
+      const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+      const c10::optional<at::Tensor>& bias, const at::Tensor& norm_weight, const at::Tensor& mean,
+      const at::Tensor& rstd, std::array<bool, 5> output_mask) {
+    check_parameters(x, weight, bias, norm_weight);
+    TORCH_CHECK(grad_out.defined() && grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+                "grad_out must be a tensor with x's dtype (", x.scalar_type(), ") and device (", x.device(), ")");
+    const std::array<int64_t, 4> out_shape{x.size(0), x.size(2), x.size(3), x.size(1)};
+    check_same_shape(grad_out, "grad_out", out_shape, "B x H x W x C");
+    const auto check_statistic = [&](const at::Tensor& t, const char* name) {
+      TORCH_CHECK(t.defined() && t.scalar_type() == at::kFloat && t.device() == x.device(), name,
+                  " must be a float32 tensor on x's device (the forward's statistics)");
+      check_same_shape(t, name, at::IntArrayRef(out_shape).slice(0, 3), "B x H x W");
+    };
+    check_statistic(mean, "mean");
+    check_statistic(rstd, "rstd");
+    typename Backend::Guard guard(x.device());
+    const bool cl = is_channels_last(x);
+    const at::Tensor xc = in_format(x, cl), goc = grad_out.contiguous();
+    const at::Tensor meanc = mean.contiguous(), rstdc = rstd.contiguous();
+    const at::Tensor w = fp32_contiguous(weight), nw = fp32_contiguous(norm_weight);
+    const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
+    const bool need_grad_y = output_mask[0] || output_mask[1] || output_mask[2];
+    const bool need_norm = output_mask[3] || output_mask[4];
+    const ConvShape s = conv_shape(xc, w);
+    const LayerNormTiling tiling = tiling_of(s);
+    at::Tensor grad_y = need_grad_y ? at::empty_like(xc, memory_format(cl)) : at::Tensor();
+    at::Tensor grad_norm_weight, grad_norm_bias, partials;
+    if (need_norm) {
+      grad_norm_weight = at::empty({x.size(1)}, xc.options().dtype(at::kFloat));
+      grad_norm_bias = at::empty_like(grad_norm_weight);
+      if (tiling.tiles == 0) {
+        grad_norm_weight.zero_();
+        grad_norm_bias.zero_();
+      } else {
+        partials = at::empty({tiling.tiles, 2 * x.size(1)}, grad_norm_weight.options());
+      }
+    }
+    if (tiling.tiles > 0 && (need_grad_y || need_norm)) {
+      DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_backward", [&] {
+        Backend::conv_layernorm_backward(ConvLayerNormBackwardPass<scalar_t, TensorSource<scalar_t>>{
+            s, tiling, cl, source_of<scalar_t>(xc, cl), w.data_ptr<float>(), bias_data(b), nw.data_ptr<float>(),
+            meanc.data_ptr<float>(), rstdc.data_ptr<float>(), goc.data_ptr<scalar_t>(),
+            need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr, layout_of(xc, cl),
+            need_norm ? partials.data_ptr<float>() : nullptr});
+      });
+      if (need_norm)
+        Backend::for_each(LayerNormParamGradReduceOp{partials.data_ptr<float>(), static_cast<int>(tiling.tiles),
+                                                     s.channels,
+                                                     grad_norm_weight.data_ptr<float>(),
+                                                     grad_norm_bias.data_ptr<float>()});
+    }
+    at::Tensor grad_x, grad_weight, grad_bias;
+    if (need_grad_y)
+      std::tie(grad_x, grad_weight, grad_bias) =
+          Ops<Backend>::depthwise_conv2d_backward(grad_y, xc, w, {output_mask[0], output_mask[1], output_mask[2]});
+    return {grad_x, grad_weight, grad_bias, output_mask[3] ? grad_norm_weight : at::Tensor(),
+            output_mask[4] ? grad_norm_bias : at::Tensor()};
   }
 };
 

@@ -1,5 +1,6 @@
-"""Fused kernels for DECO: depthwise convolution, the CIM's upsample-add-conv, adaptive pooling, and the CIM's
-layer-scaled residual with max pooling (scale_residual_max_pool).
+"""Fused kernels for DECO: depthwise convolution (alone and with the LayerNorm after it), the CIM's
+upsample-add-conv, adaptive pooling, and the CIM's layer-scaled residual with max pooling
+(scale_residual_max_pool).
 
 Every op runs on one of three backends ("triton", "cuda", "torch"), chosen per call by its ``backend=``
 keyword, else by the process-wide setting (:func:`set_backend`, :func:`use_backend`, the
@@ -12,6 +13,7 @@ from deco_kernels.ops import (
     adaptive_avg_pool2d,
     adaptive_max_pool2d,
     depthwise_conv2d,
+    depthwise_conv2d_layernorm,
     scale_residual_max_pool,
     upsample_add_conv,
 )
@@ -23,6 +25,7 @@ __all__ = [
     "adaptive_max_pool2d",
     "available_backends",
     "depthwise_conv2d",
+    "depthwise_conv2d_layernorm",
     "get_backend",
     "resolve_backend",
     "scale_residual_max_pool",

@@ -1,4 +1,4 @@
-"""The compiled extension ``deco_kernels._C`` (csrc/): its loader and the ten primitives of the "cuda" backend.
+"""The compiled extension ``deco_kernels._C`` (csrc/): its loader and the primitives of the "cuda" backend.
 
 Importing ``deco_kernels._C`` registers ``torch.ops.deco_kernels_C.*`` for CUDA tensors (the CUDA kernels) and
 for CPU tensors (CPU builds of the same kernel bodies, used to test them without a GPU). The functions below
@@ -23,6 +23,8 @@ __all__ = [
     "adaptive_max_pool2d_forward",
     "depthwise_conv2d_backward",
     "depthwise_conv2d_forward",
+    "depthwise_conv2d_layernorm_backward",
+    "depthwise_conv2d_layernorm_forward",
     "is_available",
     "load_error",
     "scale_residual_max_pool_backward",
@@ -81,6 +83,38 @@ def depthwise_conv2d_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(grad_x B x C x H x W, grad_weight C x 1 x kh x kw, grad_bias C), None where output_mask is False."""
     return tuple(_ops().depthwise_conv2d_backward(grad_y, x, weight, [bool(m) for m in output_mask]))
+
+
+def depthwise_conv2d_layernorm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LN over channels of dwconv(x): (out B x H x W x C contiguous in x's dtype, mean and rstd B x H x W fp32).
+
+    x: B x C x H x W with C <= 2048; weight: C x 1 x kh x kw; bias: C or None; norm_weight, norm_bias: C.
+    """
+    return tuple(_ops().depthwise_conv2d_layernorm_forward(x, weight, bias, norm_weight, norm_bias, float(eps)))
+
+
+def depthwise_conv2d_layernorm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """(grad_x B x C x H x W, grad_weight, grad_bias, grad_norm_weight, grad_norm_bias), None where output_mask
+    is False; grad_out: B x H x W x C; mean, rstd: the forward's B x H x W."""
+    return tuple(_ops().depthwise_conv2d_layernorm_backward(
+        grad_out, x, weight, bias, norm_weight, mean, rstd, [bool(m) for m in output_mask]
+    ))
 
 
 def upsample_add_conv_forward(

@@ -1,6 +1,7 @@
 """Drop-in modules over the ``deco_kernels`` ops.
 
-``DepthwiseConv2d`` and ``UpsampleAddConv`` hold exactly the parameters of
+``DepthwiseConv2d`` (with :meth:`DepthwiseConv2d.forward_layer_norm`, the conv and a LayerNorm over channels in
+one op) and ``UpsampleAddConv`` hold exactly the parameters of
 ``nn.Conv2d(C, C, k, padding=k // 2, groups=C)`` (``weight`` C x 1 x kh x kw, ``bias`` C), initialised the
 same way, so state_dicts move between them and stock convolutions unchanged. Each module takes
 ``backend=None`` (None: the process-wide setting at call time, see :mod:`deco_kernels.backend`).
@@ -86,10 +87,29 @@ class _DepthwiseParameters(nn.Module):
 
 
 class DepthwiseConv2d(_DepthwiseParameters):
-    """Depthwise 'same' convolution, stride 1: forward(x B x C x H x W) -> B x C x H x W."""
+    """Depthwise 'same' convolution, stride 1: forward(x B x C x H x W) -> B x C x H x W.
+
+    :meth:`forward_layer_norm` applies a LayerNorm over channels to the output in the same op.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.depthwise_conv2d(x, self.weight, self.bias, backend=self.backend)
+
+    def forward_layer_norm(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """``norm(self(x).permute(0, 2, 3, 1))`` as one op that never writes the conv output.
+
+        x: B x C x H x W; norm: an ``nn.LayerNorm(C)`` with affine parameters (the caller owns it, so
+        state_dicts keep its keys). Returns B x H x W x C contiguous, ready for Linear layers over channels.
+        """
+        if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (self.channels,):
+            raise ValueError(f"{type(self).__name__}.forward_layer_norm: norm must be nn.LayerNorm({self.channels}); "
+                             f"got {norm}")
+        if norm.weight is None or norm.bias is None:
+            raise ValueError(f"{type(self).__name__}.forward_layer_norm: norm must have a weight and a bias "
+                             f"(elementwise_affine=True, bias=True); got {norm}")
+        return ops.depthwise_conv2d_layernorm(
+            x, self.weight, self.bias, norm.weight, norm.bias, norm.eps, backend=self.backend
+        )
 
 
 class UpsampleAddConv(_DepthwiseParameters):

@@ -13,6 +13,7 @@ __all__ = [
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
     "depthwise_conv2d",
+    "depthwise_conv2d_layernorm",
     "scale_residual_max_pool",
     "upsample_add_conv",
 ]
@@ -25,6 +26,23 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     kh, kw = weight.shape[-2:]
     return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
+
+
+def depthwise_conv2d_layernorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """LayerNorm over the channels of the depthwise 'same' convolution, channels-last out (DECO's block front).
+
+    x: B x C x H x W; weight: C x 1 x kh x kw (odd kh, kw); bias: C or None; norm_weight, norm_bias: C.
+    Returns B x H x W x C: ``F.layer_norm(dwconv(x).permute(0, 2, 3, 1), (C,), norm_weight, norm_bias, eps)``.
+    """
+    y = depthwise_conv2d(x, weight, bias).permute(0, 2, 3, 1)
+    return F.layer_norm(y, (x.shape[1],), norm_weight, norm_bias, eps)
 
 
 def upsample_nearest(query: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

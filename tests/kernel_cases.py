@@ -59,6 +59,20 @@ DEPTHWISE_CASES = [
     (1, 3, 6, 5, 31, 31),
 ]
 
+# (B, C, H, W, kh, kw) of depthwise_conv2d_layernorm (the LayerNorm runs over C): C of 1 (the output is the
+# norm bias), C not a power of two, maps smaller than the kernel, H or W of 1, a rectangular kernel, DECO's
+# 10 x 10 query grid with the SIM's 9 x 9.
+DEPTHWISE_LAYERNORM_CASES = [
+    (1, 1, 5, 5, 3, 3),
+    (3, 5, 7, 9, 3, 3),
+    (1, 17, 13, 11, 7, 7),
+    (2, 6, 4, 5, 9, 9),
+    (1, 4, 1, 12, 9, 9),
+    (2, 3, 11, 1, 7, 7),
+    (2, 9, 6, 15, 3, 7),
+    (1, 33, 10, 10, 9, 9),
+]
+
 # (B, C, Hq, Wq, H, W, kh, kw): query grid upsampled (or, when smaller, downsampled) to the memory's H x W.
 UPSAMPLE_ADD_CONV_CASES = [
     (1, 3, 2, 2, 5, 5, 3, 3),

@@ -142,6 +142,10 @@ def test_cost_model_by_hand():
     assert forward.bytes == 2 * n * 2 + params and forward.flops == 2 * n * 9 + n
     both = roofline.cost("depthwise_conv2d", shape, torch.float32, "fwd+bwd")
     assert both.bytes == 5 * n * 4 + 3 * params and both.flops == 6 * n * 9 + 2 * n
+    layernorm = roofline.cost("depthwise_conv2d_layernorm", shape, torch.float32, "fwd+bwd")
+    norm_params = 3 * 12 * 4  # conv weight (9) and bias, norm weight and bias: fp32
+    assert layernorm.bytes == 5 * n * 4 + 3 * norm_params and layernorm.flops == (2 * n * 9 + 9 * n) + (
+        6 * n * 9 + 16 * n)
     pool = roofline.cost(
         "adaptive_max_pool2d", {"B": 1, "C": 1, "H": 25, "W": 25, "oh": 10, "ow": 10}, torch.float32, "fwd"
     )

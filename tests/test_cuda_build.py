@@ -35,11 +35,16 @@ PRIMITIVES = (
     "adaptive_avg_pool2d_backward",
     "scale_residual_max_pool_forward",
     "scale_residual_max_pool_backward",
+    "depthwise_conv2d_layernorm_forward",
+    "depthwise_conv2d_layernorm_backward",
 )
 # Kernel families in csrc/kernels.cu and how many instantiations each must have per architecture:
 # 3 dtypes, times 2 for the conv passes and weight-gradient kernels (plain input and upsample + memory input);
 # the fp32-only reductions once.
 KERNEL_FAMILIES = {
+    "conv_layernorm_forward_kernel": 3,
+    "conv_layernorm_backward_kernel": 3,
+    "LayerNormParamGradReduceOp": 1,
     "conv_tiled_kernel": 6,
     "weight_grad_partials_kernel": 6,
     "ConvDirectOp": 6,

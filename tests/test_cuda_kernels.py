@@ -18,6 +18,7 @@ from tests.conftest import HAS_CUDA, requires_cuda
 from tests.kernel_cases import (
     ADAPTIVE_POOL_CASES,
     DEPTHWISE_CASES,
+    DEPTHWISE_LAYERNORM_CASES,
     DTYPES,
     LAYOUTS,
     TOLERANCE,
@@ -34,6 +35,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 DEPTHWISE_LOW_PRECISION = [DEPTHWISE_CASES[i] for i in (1, 3, 9)]
 UPSAMPLE_LOW_PRECISION = [UPSAMPLE_ADD_CONV_CASES[i] for i in (1, 4, 7)]
 POOL_LOW_PRECISION = [ADAPTIVE_POOL_CASES[i] for i in (0, 1, 4)]
+LAYERNORM_LOW_PRECISION = [DEPTHWISE_LAYERNORM_CASES[i] for i in (1, 3, 7)]
 
 
 @pytest.fixture(autouse=True)
@@ -205,6 +207,131 @@ def test_upsample_add_conv_empty_batch(device):
     grads = _cuda.upsample_add_conv_backward(torch.randn_like(memory), query, memory, weight, [True] * 4)
     assert grads[0].shape == query.shape and grads[1].shape == memory.shape
     assert torch.equal(grads[2], torch.zeros_like(weight)) and torch.equal(grads[3], torch.zeros_like(bias))
+
+
+# --------------------------------------------------------------------------------------------------------
+# depthwise_conv2d_layernorm
+
+
+def _layernorm_parameters(channels, kh, kw, device, bias=True):
+    """(weight, conv bias or None, norm_weight, norm_bias), float32."""
+    weight, conv_bias = _parameters(channels, kh, kw, device)
+    norm_weight = 1 + 0.5 * torch.randn(channels, device=device)
+    return weight, conv_bias if bias else None, norm_weight, 0.5 * torch.randn(channels, device=device)
+
+
+def _check_layernorm(x, params, grad_out, dtype, layout="contiguous", what=""):
+    """Forward (out, saved mean and rstd) and every gradient of the primitives against float64."""
+    weight, bias, norm_weight, norm_bias = params
+    out, mean, rstd = _cuda.depthwise_conv2d_layernorm_forward(x, *params, 1e-6)
+    grads = _cuda.depthwise_conv2d_layernorm_backward(
+        grad_out, x, weight, bias, norm_weight, mean, rstd, [True, True, bias is not None, True, True])
+    leaves = {"x": x, "weight": weight, "bias": bias, "norm_weight": norm_weight, "norm_bias": norm_bias}
+    present = [name for name, t in leaves.items() if t is not None]
+
+    def fn(*tensors):
+        args = dict(zip(present, tensors))
+        return reference.depthwise_conv2d_layernorm(args["x"], args["weight"], args.get("bias"),
+                                                    args["norm_weight"], args["norm_bias"])
+
+    out_ref, grads_ref = _reference_grads(fn, [leaves[name] for name in present], grad_out)
+    y = reference.depthwise_conv2d(*(None if t is None else t.double().cpu() for t in (x, weight, bias)))
+    assert out.dtype == dtype and out.is_contiguous()
+    assert mean.dtype == rstd.dtype == torch.float32
+    assert_close(out, out_ref, dtype, f"out{what}")
+    assert_close(mean, y.mean(dim=1), dtype, f"mean{what}")
+    assert_close(rstd, (y.var(dim=1, unbiased=False) + 1e-6).rsqrt(), dtype, f"rstd{what}")
+    assert grads[0].dtype == dtype and grads[0].is_contiguous(memory_format=_expected_format(x, layout))
+    expected = dict(zip(present, grads_ref))
+    for name, grad in zip(leaves, grads):
+        if name not in expected:
+            assert grad is None, f"{name}: a gradient for a missing input{what}"
+            continue
+        assert name == "x" or grad.dtype == torch.float32, name
+        assert_close(grad, expected[name], dtype, f"gradient of {name}{what}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, dtype, layout", _cases(DEPTHWISE_LAYERNORM_CASES, LAYERNORM_LOW_PRECISION))
+def test_depthwise_conv2d_layernorm_matches_reference(case, dtype, layout, device):
+    b, c, h, w, kh, kw = case
+    x = make_input((b, c, h, w), dtype, layout, device)
+    # grad_out: B x H x W x C, dense or (for NCHW x) a non-contiguous view.
+    grad_out = make_input((b, h, w, c), dtype, "contiguous" if layout == "channels_last" else layout, device)
+    _check_layernorm(x, _layernorm_parameters(c, kh, kw, device), grad_out, dtype, layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [600, 2048])
+def test_depthwise_conv2d_layernorm_wide_channels(channels, device):
+    """Tiles of 6 and 2 pixels (as many as fit the block's buffer): several per image, crossing rows."""
+    x = make_input((2, channels, 3, 5), torch.float32, "channels_last", device)
+    grad_out = torch.randn(2, 3, 5, channels, device=device)
+    _check_layernorm(x, _layernorm_parameters(channels, 3, 3, device), grad_out, torch.float32, "channels_last")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_depthwise_conv2d_layernorm_no_bias_partial_mask_expanded_grad(device):
+    x = make_input((2, 5, 9, 11), torch.float32, "contiguous", device)
+    params = _layernorm_parameters(5, 7, 7, device, bias=False)
+    grad_out = torch.ones((), device=device).expand(2, 9, 11, 5)
+    _check_layernorm(x, params, grad_out, torch.float32, what=" (no bias, expanded grad_out)")
+    _, mean, rstd = _cuda.depthwise_conv2d_layernorm_forward(x, *params, 1e-6)
+    full = _cuda.depthwise_conv2d_layernorm_backward(grad_out, x, *params[:3], mean, rstd, [True] * 5)
+    for mask in ([False, False, False, True, False], [True, False, False, False, False], [False, True, False, False,
+                                                                                           True]):
+        grads = _cuda.depthwise_conv2d_layernorm_backward(grad_out, x, *params[:3], mean, rstd, mask)
+        for wanted, grad, expected in zip(mask, grads, full):
+            if wanted:
+                assert torch.equal(grad, expected), f"{mask}: a partial mask changed a gradient"
+            else:
+                assert grad is None, f"{mask}: an unrequested gradient was computed"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_depthwise_conv2d_layernorm_empty_batch_and_determinism(device):
+    x = torch.randn(0, 4, 5, 6, device=device)
+    params = _layernorm_parameters(4, 3, 3, device)
+    out, mean, rstd = _cuda.depthwise_conv2d_layernorm_forward(x, *params, 1e-6)
+    assert out.shape == (0, 5, 6, 4) and mean.shape == rstd.shape == (0, 5, 6)
+    grads = _cuda.depthwise_conv2d_layernorm_backward(torch.randn(0, 5, 6, 4, device=device), x, *params[:3], mean,
+                                                      rstd, [True] * 5)
+    assert grads[0].shape == x.shape
+    for grad, param in zip(grads[1:], params):
+        assert torch.equal(grad, torch.zeros_like(param))
+
+    x = make_input((3, 24, 12, 20), torch.float32, "channels_last", device)
+    params = _layernorm_parameters(24, 7, 7, device)
+    grad_out = torch.randn(3, 12, 20, 24, device=device)
+    runs = []
+    for _ in range(2):
+        out, mean, rstd = _cuda.depthwise_conv2d_layernorm_forward(x, *params, 1e-6)
+        runs.append([out, *_cuda.depthwise_conv2d_layernorm_backward(grad_out, x, *params[:3], mean, rstd, [True] * 5)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_depthwise_conv2d_layernorm_rejects_bad_input():
+    x, weight, bias = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 3, 3), torch.randn(4)
+    norm_weight, norm_bias = torch.randn(4), torch.randn(4)
+    forward = _cuda.depthwise_conv2d_layernorm_forward
+    with pytest.raises(RuntimeError, match="x must have 1..2048 channels"):
+        forward(torch.randn(1, 2049, 2, 2), torch.randn(2049, 1, 3, 3), None, torch.randn(2049), torch.randn(2049),
+                1e-6)
+    with pytest.raises(RuntimeError, match=r"norm_weight must have shape \(4,\)"):
+        forward(x, weight, bias, torch.randn(5), norm_bias, 1e-6)
+    with pytest.raises(RuntimeError, match="norm_bias must be float32"):
+        forward(x, weight, bias, norm_weight, norm_bias.double(), 1e-6)
+    with pytest.raises(RuntimeError, match="weight has 4 channels but x has 3"):
+        forward(torch.randn(2, 3, 5, 5), weight, None, norm_weight[:3], norm_bias[:3], 1e-6)
+    _, mean, rstd = forward(x, weight, bias, norm_weight, norm_bias, 1e-6)
+    backward = _cuda.depthwise_conv2d_layernorm_backward
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \[2, 5, 5, 4\]"):
+        backward(torch.randn(2, 4, 5, 5), x, weight, bias, norm_weight, mean, rstd, [True] * 5)
+    with pytest.raises(RuntimeError, match="mean must be a float32 tensor"):
+        backward(torch.randn(2, 5, 5, 4), x, weight, bias, norm_weight, mean.double(), rstd, [True] * 5)
+    with pytest.raises(RuntimeError, match=r"rstd must have shape \[2, 5, 5\]"):
+        backward(torch.randn(2, 5, 5, 4), x, weight, bias, norm_weight, mean, rstd[:, :4], [True] * 5)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -564,4 +691,15 @@ def test_cuda_matches_triton(dtype, layout):
         _cuda.scale_residual_max_pool_backward(query, bias, indices, picked_ffn, (25, 42)),
         fused.scale_residual_max_pool_backward(query, bias, indices, picked_ffn, (25, 42)),
         "scale residual max pool backward",
+    )
+    conv_ln = _triton_primitives("depthwise_conv2d_layernorm")
+    norm_weight, norm_bias = 1 + 0.5 * torch.randn(48, device="cuda"), 0.5 * torch.randn(48, device="cuda")
+    grad_out = make_input((2, 25, 42, 48), dtype, "contiguous", "cuda")
+    ours = _cuda.depthwise_conv2d_layernorm_forward(memory, weight, bias, norm_weight, norm_bias, 1e-6)
+    theirs = conv_ln.depthwise_conv2d_layernorm_forward(memory, weight, bias, norm_weight, norm_bias, 1e-6)
+    compare(ours, theirs, "conv layernorm forward")
+    compare(
+        _cuda.depthwise_conv2d_layernorm_backward(grad_out, memory, weight, bias, norm_weight, *ours[1:], [True] * 5),
+        conv_ln.depthwise_conv2d_layernorm_backward(grad_out, memory, weight, bias, norm_weight, *ours[1:], [True] * 5),
+        "conv layernorm backward",
     )

@@ -23,12 +23,13 @@ def expected_format(t: torch.Tensor) -> torch.memory_format:
 
 
 def check_op_against_reference(op, reference_op, activations, parameters, dtype, *, grad_layout="contiguous",
-                               output_like=-1):
+                               output_like=-1, output_format=None):
     """Run ``op(*activations, *parameters)`` and its backward with outputs poisoned; compare with float64.
 
     activations: tensors in the dtype and layout under test; parameters: float32 tensors or None. The
     reference runs on float64 copies of the same (already rounded) values with the same output gradient.
-    The output must keep the memory format of ``activations[output_like]``.
+    The output must be contiguous in ``output_format``, by default the memory format of
+    ``activations[output_like]``.
     """
     inputs = [t.detach().requires_grad_() for t in activations]
     params = [None if p is None else p.detach().requires_grad_() for p in parameters]
@@ -43,7 +44,7 @@ def check_op_against_reference(op, reference_op, activations, parameters, dtype,
         out.backward(grad_out)
 
     assert out.dtype == dtype
-    assert out.is_contiguous(memory_format=expected_format(activations[output_like]))
+    assert out.is_contiguous(memory_format=output_format or expected_format(activations[output_like]))
     assert_close(out, expected, dtype, "output")
     for index, (tensor, tensor64) in enumerate(zip(inputs + params, inputs64 + params64)):
         if tensor is None:

@@ -9,9 +9,12 @@ machine the same tests run on CUDA tensors (conftest turns TF32 off, so the stoc
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from kernel_cases import KERNEL_DEVICE, assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import deco_kernels
 from deco_kernels import nn as fused_nn
@@ -20,6 +23,19 @@ models = pytest.importorskip("deco.models", reason="deco.models.build_deco is no
 
 TINY = dict(backbone="resnet18", num_queries=16, query_grid=(4, 4), d_model=64, encoder_dims=(32, 48, 64),
             encoder_depths=(1, 1, 1), num_decoder_layers=2)
+
+
+class _CountDecoKernelsOps(TorchDispatchMode):
+    """Counts the calls of each ``deco_kernels::*`` custom op (forward and backward ops) under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "deco_kernels":
+            self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _flatten(outputs) -> list[torch.Tensor]:
@@ -52,8 +68,20 @@ def test_fused_model_matches_stock():
 
     stock64 = stock.double()
     expected, expected_grads = _run(stock64, images.double(), weights)
-    with deco_kernels.use_backend("triton"):
+    with deco_kernels.use_backend("triton"), _CountDecoKernelsOps() as counter:
         actual, actual_grads = _run(fused.float(), images, weights)
+    # Every encoder block and every SIM runs its dwconv + LayerNorm as the fused op, forward and backward,
+    # and no depthwise conv runs on its own.
+    fronts = sum(TINY["encoder_depths"]) + TINY["num_decoder_layers"]
+    assert counter.calls["depthwise_conv2d_layernorm"] == fronts, counter.calls
+    assert counter.calls["depthwise_conv2d_layernorm_backward"] == fronts, counter.calls
+    assert counter.calls["depthwise_conv2d"] == 0, counter.calls
+    # Every CIM runs its front (upsample + add + conv + residual) and its back end (layer scale + residual +
+    # max pool) as one op each, and no max pool runs on its own.
+    for op in ("upsample_add_conv", "upsample_add_conv_backward", "scale_residual_max_pool",
+               "scale_residual_max_pool_backward"):
+        assert counter.calls[op] == TINY["num_decoder_layers"], (op, counter.calls)
+    assert counter.calls["adaptive_max_pool2d"] == 0, counter.calls
 
     for index, (out, ref) in enumerate(zip(actual, expected)):
         assert_close(out, ref, torch.float32, f"output {index}")

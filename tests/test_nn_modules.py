@@ -50,6 +50,36 @@ def test_depthwise_forward_and_gradients_match_conv2d():
         assert_close(module.bias.grad, conv.bias.grad, torch.float32, f"{backend} bias gradient")
 
 
+def test_forward_layer_norm_is_the_conv_then_the_norm():
+    """DepthwiseConv2d.forward_layer_norm(x, norm) == norm(conv(x).permute(0, 2, 3, 1)), with every gradient."""
+    conv = _depthwise_conv(5, 7)
+    norm = nn.LayerNorm(5, eps=1e-6)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 5, 9, 11)
+    expected = norm(conv(x).permute(0, 2, 3, 1))
+    expected.square().sum().backward()
+    for backend in ("torch", "triton"):
+        module = fused_nn.DepthwiseConv2d.from_conv2d(_depthwise_conv(5, 7), backend=backend)
+        module.load_state_dict(conv.state_dict())
+        module_norm = nn.LayerNorm(5, eps=1e-6)
+        module_norm.load_state_dict(norm.state_dict())
+        out = module.forward_layer_norm(x, module_norm)
+        out.square().sum().backward()
+        assert out.is_contiguous()
+        assert_close(out, expected, torch.float32, f"{backend} output")
+        for name, param in [*module.named_parameters(), *module_norm.named_parameters(prefix="norm")]:
+            stock = dict([*conv.named_parameters(), *norm.named_parameters(prefix="norm")])[name]
+            assert_close(param.grad, stock.grad, torch.float32, f"{backend} gradient of {name}")
+
+
+@pytest.mark.parametrize("norm, match", [(nn.LayerNorm(4), r"nn.LayerNorm\(5\)"), (nn.BatchNorm1d(5), "LayerNorm"),
+                                         (nn.LayerNorm(5, elementwise_affine=False), "weight and a bias")])
+def test_forward_layer_norm_rejects_other_norms(norm, match):
+    with pytest.raises(ValueError, match=match):
+        fused_nn.DepthwiseConv2d(5, 3).forward_layer_norm(torch.randn(1, 5, 4, 4), norm)
+
+
 def test_from_conv2d_shares_parameters():
     conv = _depthwise_conv(4, 5).to(KERNEL_DEVICE)
     module = fused_nn.DepthwiseConv2d.from_conv2d(conv, backend="triton")

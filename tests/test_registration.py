@@ -34,6 +34,10 @@ def _opcheck_cases(device, backend):
     bias = _leaf(3, device=device)
     query = _leaf(2, 3, 2, 3, device=device)
     grad_y = torch.randn(2, 3, 5, 6, device=device)
+    norm_weight = _leaf(3, device=device)
+    norm_bias = _leaf(3, device=device)
+    grad_out = torch.randn(2, 5, 6, 3, device=device)
+    mean, rstd = torch.randn(2, 5, 6, device=device), torch.rand(2, 5, 6, device=device) + 0.5
     z = _leaf(2, 5, 6, 3, device=device)
     ffn = _leaf(2, 5, 6, 3, device=device)
     gamma = _leaf(3, device=device)
@@ -45,6 +49,13 @@ def _opcheck_cases(device, backend):
         ("upsample_add_conv", ops.upsample_add_conv.default, (query, x_cl, weight, bias, backend)),
         ("upsample_add_conv_backward", ops.upsample_add_conv_backward.default,
          (grad_y, query.detach(), x.detach(), weight.detach(), [True, True, False, True], backend)),
+        ("depthwise_conv2d_layernorm", ops.depthwise_conv2d_layernorm.default,
+         (x, weight, bias, norm_weight, norm_bias, 1e-6, backend)),
+        ("depthwise_conv2d_layernorm_cl_no_bias", ops.depthwise_conv2d_layernorm.default,
+         (x_cl, weight, None, norm_weight, norm_bias, 1e-6, backend)),
+        ("depthwise_conv2d_layernorm_backward", ops.depthwise_conv2d_layernorm_backward.default,
+         (grad_out, x_cl.detach(), weight.detach(), bias.detach(), norm_weight.detach(), mean, rstd,
+          [True, False, True, True, False], backend)),
         ("adaptive_max_pool2d", ops.adaptive_max_pool2d.default, (x, [2, 4], backend)),
         ("adaptive_avg_pool2d", ops.adaptive_avg_pool2d.default, (x_cl, [2, 4], backend)),
         ("scale_residual_max_pool", ops.scale_residual_max_pool.default, (z, ffn, gamma, [2, 4], backend)),
@@ -61,11 +72,14 @@ def test_opcheck_every_op(device, backend):
 
 
 class _EveryOp(torch.nn.Module):
-    """A miniature CIM: dwconv on the memory, upsample-add-conv of the queries, max pool, the fused back end
-    (layer-scaled residual + max pool) on the channels-innermost map, plus an avg pool."""
+    """A miniature SIM + CIM: dwconv + LayerNorm on the queries (residual), dwconv on the memory,
+    upsample-add-conv of the queries, max pool, the fused back end (layer-scaled residual + max pool) on the
+    channels-innermost map, plus an avg pool."""
 
     def __init__(self, channels: int):
         super().__init__()
+        self.sim_dwconv = fused_nn.DepthwiseConv2d(channels, 3)
+        self.sim_norm = torch.nn.LayerNorm(channels, eps=1e-6)
         self.dwconv = fused_nn.DepthwiseConv2d(channels, 3)
         self.cim = fused_nn.UpsampleAddConv(channels, 5)
         self.max_pool = fused_nn.AdaptiveMaxPool2d((3, 3))
@@ -73,6 +87,7 @@ class _EveryOp(torch.nn.Module):
         self.gamma = torch.nn.Parameter(torch.randn(channels))
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        query = query + self.sim_dwconv.forward_layer_norm(query, self.sim_norm).permute(0, 3, 1, 2)
         fused = self.cim(query, self.dwconv(memory))
         pooled = self.max_pool(fused)
         z = fused.permute(0, 2, 3, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deco.models.layers import ConvFFN, depthwise_conv, scale_residual_max_pool, upsample_add_conv
+from deco.models.layers import ConvFFN, conv_layer_norm, depthwise_conv, scale_residual_max_pool, upsample_add_conv
 
 
 class SelfInteraction(nn.Module):
@@ -13,6 +13,7 @@ class SelfInteraction(nn.Module):
 
     t, query_pos: B x d x qh x qw (query_pos may broadcast over B) -> B x d x qh x qw.
     dwconv: depthwise 9x9 with bias; LN over channels eps 1e-6; ffn: d -> ffn_ratio*d -> d with layer scale.
+    With ``kernels="fused"`` dwconv and LN are one op (:func:`~deco.models.layers.conv_layer_norm`).
     """
 
     def __init__(self, d_model: int, kernel_size: int = 9, ffn_ratio: int = 4, kernels: str = "stock"):
@@ -22,7 +23,7 @@ class SelfInteraction(nn.Module):
         self.ffn = ConvFFN(d_model, ffn_ratio)
 
     def forward(self, query: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-        update = self.ffn(self.norm(self.dwconv(query + query_pos).permute(0, 2, 3, 1)))
+        update = self.ffn(conv_layer_norm(self.dwconv, self.norm, query + query_pos))
         return query + update.permute(0, 3, 1, 2)
 
 

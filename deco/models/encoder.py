@@ -7,13 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from deco.models.layers import ConvFFN, LayerNorm2d, depthwise_conv
+from deco.models.layers import ConvFFN, LayerNorm2d, conv_layer_norm, depthwise_conv
 
 
 class EncoderBlock(nn.Module):
     """``x + ffn(LN(dwconv(x)))`` (ConvNeXt block; drop path 0). x: B x C x H x W -> B x C x H x W.
 
     dwconv: depthwise k x k with bias; LN over channels, eps 1e-6; ffn: C -> ffn_ratio*C -> C, GELU, layer scale.
+    With ``kernels="fused"`` dwconv and LN are one op (:func:`~deco.models.layers.conv_layer_norm`).
     """
 
     def __init__(self, channels: int, kernel_size: int = 7, ffn_ratio: int = 4, kernels: str = "stock"):
@@ -23,7 +24,7 @@ class EncoderBlock(nn.Module):
         self.ffn = ConvFFN(channels, ffn_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ffn(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))
+        y = self.ffn(conv_layer_norm(self.dwconv, self.norm, x))
         return x + y.permute(0, 3, 1, 2)
 
 

@@ -58,6 +58,18 @@ def depthwise_conv(channels: int, kernel_size: int, kernels: str) -> nn.Module:
     return nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
 
 
+def conv_layer_norm(dwconv: nn.Module, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(dwconv(x).permute(0, 2, 3, 1))``: the front of encoder blocks and SIMs, B x C x H x W -> B x H x W x C.
+
+    ``dwconv`` comes from :func:`depthwise_conv`: the stock ``nn.Conv2d`` runs the conv, permute and norm as
+    three ops; the fused module runs them as one op that never writes the conv output, with the same
+    parameters (``norm`` stays the caller's module, so state_dict keys do not change).
+    """
+    if isinstance(dwconv, nn.Conv2d):
+        return norm(dwconv(x).permute(0, 2, 3, 1))
+    return dwconv.forward_layer_norm(x, norm)
+
+
 def upsample_add_conv(channels: int, kernel_size: int, kernels: str) -> nn.Module:
     """The CIM front (see :class:`StockUpsampleAddConv`); forward(query, memory)."""
     if check_kernels(kernels) == "fused":

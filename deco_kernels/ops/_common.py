@@ -19,6 +19,7 @@ __all__ = [
     "as_supported_layout",
     "check_activation",
     "check_bias",
+    "check_channel_parameter",
     "check_depthwise_weight",
     "check_same_device",
     "check_same_dtype",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 MAX_KERNEL_SIZE = 31
+# depthwise_conv2d_layernorm normalises all C channels of a pixel in one program (Triton) or block (CUDA).
+MAX_LAYERNORM_CHANNELS = 2048
 _poison_outputs = False
 
 
@@ -159,13 +162,20 @@ def check_depthwise_weight(weight: torch.Tensor, channels: int, device: torch.de
     return kh, kw
 
 
+def check_channel_parameter(
+    t: torch.Tensor | None, name: str, channels: int, device: torch.device, op: str, *, optional: bool = False
+) -> None:
+    """``t`` (argument ``name``) must be a floating tensor of shape (C,) on ``device``, or None if ``optional``."""
+    if t is None and optional:
+        return
+    _check_floating_tensor_on(t, name, "a torch.Tensor or None" if optional else "a torch.Tensor", device, op)
+    if tuple(t.shape) != (channels,):
+        raise ValueError(f"{op}: {name} must have shape ({channels},) (one per channel); got {tuple(t.shape)}")
+
+
 def check_bias(bias: torch.Tensor | None, channels: int, device: torch.device, op: str) -> None:
     """``bias`` must be None or a floating tensor of shape (C,) on ``device``."""
-    if bias is None:
-        return
-    _check_floating_tensor_on(bias, "bias", "a torch.Tensor or None", device, op)
-    if tuple(bias.shape) != (channels,):
-        raise ValueError(f"{op}: bias must have shape ({channels},) (one per channel); got {tuple(bias.shape)}")
+    check_channel_parameter(bias, "bias", channels, device, op, optional=True)
 
 
 def pair(value: int | Sequence[int], name: str, op: str) -> tuple[int, int]:
