@@ -115,10 +115,10 @@ step_test() {
 BENCH_FILES=(
     benchmarks/test_bench_depthwise_conv2d.py
     benchmarks/test_bench_upsample_add_conv.py
-    benchmarks/test_bench_depthwise_conv2d_layernorm.py
     benchmarks/test_bench_adaptive_max_pool2d.py
-    benchmarks/test_bench_adaptive_avg_pool2d.py
+    benchmarks/test_bench_depthwise_conv2d_layernorm.py
     benchmarks/test_bench_scale_residual_max_pool.py
+    benchmarks/test_bench_adaptive_avg_pool2d.py
 )
 
 run_bench() {  # run_bench NAME CAP_S extra pytest args...
