@@ -16,6 +16,31 @@ import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none present)")
 
+# (device, backend) pairs of the kernel tests: the Triton kernels run on CUDA tensors and, under the interpreter
+# (no GPU), on CPU tensors; the CUDA kernels on the GPU and, through their CPU builds in deco_kernels._C, on CPU
+# tensors.
+KERNEL_TARGETS = [(device, backend) for device in ("cpu", "cuda") for backend in ("triton", "cuda")]
+
+
+def target_skip_reason(device: str, backend: str) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here, or None when it can."""
+    from deco_kernels import available_backends
+
+    if device == "cuda" and not HAS_CUDA:
+        return "needs a CUDA device (none present)"
+    if backend not in available_backends(device):
+        return f"backend {backend!r} cannot run on {device} here (available: {available_backends(device)})"
+    return None
+
+
+@pytest.fixture(params=KERNEL_TARGETS, ids=lambda pair: "-".join(pair))
+def target(request):
+    """(device, backend), skipped with the reason where that backend cannot run on that device here."""
+    reason = target_skip_reason(*request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA
-
-from deco_kernels import available_backends
+from conftest import HAS_CUDA, KERNEL_TARGETS, target_skip_reason
 
 # Where the model-level kernel tests run: CUDA tensors on a GPU machine (where Triton compiles for the GPU and
 # its CPU interpreter is off), else CPU tensors (Triton's interpreter, the extension's CPU build).
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-
-def target(device: str, backend: str):
-    """A (device, backend) test parameter, skipped with the reason where that backend cannot run on that device."""
-    if device == "cuda" and not HAS_CUDA:
-        reason = "needs a CUDA device (none present)"
-    elif backend not in available_backends(device):
-        reason = f"backend {backend!r} cannot run on {device} here (available: {available_backends(device)})"
-    else:
-        reason = None
-    marks = [pytest.mark.skip(reason=reason)] if reason else []
-    return pytest.param(device, backend, marks=marks, id=f"{device}-{backend}")
-
-
-# The Triton kernels run on CUDA tensors and, under the interpreter (no GPU), on CPU tensors; the CUDA kernels
-# on the GPU and, through their CPU builds in deco_kernels._C, on CPU tensors.
-TARGETS = [target(device, backend) for device in ("cpu", "cuda") for backend in ("triton", "cuda")]
+# KERNEL_TARGETS as ("device, backend") parameters, skipped with the reason where they cannot run.
+TARGETS = [
+    pytest.param(device, backend, id=f"{device}-{backend}",
+                 marks=[pytest.mark.skip(reason=reason)] if (reason := target_skip_reason(device, backend)) else [])
+    for device, backend in KERNEL_TARGETS
+]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
 from kernel_cases import ADAPTIVE_POOL_CASES, LAYOUTS, assert_close, case_id, make_input
 
 from deco_kernels import reference
-from deco_kernels.backend import available_backends
 from deco_kernels.ops._common import memory_format_of, poisoned_outputs
 from deco_kernels.ops.adaptive_pool import adaptive_avg_pool2d, adaptive_max_pool2d
 from deco_kernels.triton import adaptive_pool as triton_pool
@@ -24,23 +22,6 @@ MAX_OP = torch.ops.deco_kernels.adaptive_max_pool2d
 AVG_OP = torch.ops.deco_kernels.adaptive_avg_pool2d
 MAX_BACKWARD_OP = torch.ops.deco_kernels.adaptive_max_pool2d_backward
 AVG_BACKWARD_OP = torch.ops.deco_kernels.adaptive_avg_pool2d_backward
-
-
-def _target(device: str, backend: str):
-    marks = [requires_cuda] if device == "cuda" else []
-    return pytest.param((device, backend), marks=marks, id=f"{device}-{backend}")
-
-
-TARGETS = [_target(d, b) for d in ("cpu", "cuda") for b in ("triton", "cuda")]
-
-
-@pytest.fixture(params=TARGETS)
-def target(request):
-    """(device, backend), skipped with the reason when the backend cannot run on that device here."""
-    device, backend = request.param
-    if backend not in available_backends(device):
-        pytest.skip(f"backend {backend!r} is not available on {device} here ({available_backends(device)})")
-    return device, backend
 
 
 @pytest.fixture(autouse=True)

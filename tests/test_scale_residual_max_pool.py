@@ -11,34 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
 from kernel_cases import ADAPTIVE_POOL_CASES, assert_close, case_id
 
 from deco_kernels import _cuda, reference
-from deco_kernels.backend import available_backends
 from deco_kernels.ops._common import poisoned_outputs
 from deco_kernels.ops.scale_residual_max_pool import scale_residual_max_pool
 from deco_kernels.triton import scale_residual_max_pool as triton_fused
 
 FUSED_OP = torch.ops.deco_kernels.scale_residual_max_pool
 BACKWARD_OP = torch.ops.deco_kernels.scale_residual_max_pool_backward
-
-
-def _target(device: str, backend: str):
-    marks = [requires_cuda] if device == "cuda" else []
-    return pytest.param((device, backend), marks=marks, id=f"{device}-{backend}")
-
-
-TARGETS = [_target(d, b) for d in ("cpu", "cuda") for b in ("triton", "cuda")]
-
-
-@pytest.fixture(params=TARGETS)
-def target(request):
-    """(device, backend), skipped with the reason when the backend cannot run on that device here."""
-    device, backend = request.param
-    if backend not in available_backends(device):
-        pytest.skip(f"backend {backend!r} is not available on {device} here ({available_backends(device)})")
-    return device, backend
 
 
 @pytest.fixture(autouse=True)
