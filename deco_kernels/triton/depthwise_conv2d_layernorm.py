@@ -49,27 +49,30 @@ __all__ = [
 
 
 class PixelTile(NamedTuple):
-    """BLOCK_P pixels x BLOCK_C channels per program (C <= BLOCK_C) and the warps that own them."""
+    """BLOCK_P pixels x BLOCK_C channels per program (C <= BLOCK_C) and the warps that own them in the forward
+    and the backward kernel."""
 
     name: str
     block_c: int
     block_p: int
-    num_warps: int
+    forward_warps: int
+    backward_warps: int
 
 
 # 8 values per thread and tile tensor: Triton keeps an address per element of each tile it loads and the
 # backward holds about three tiles, so 16 per thread spilled on sm_80/sm_90a in places. DECO's 120/240/480
 # channels take the 128/256/512 rows (8, 4 and 4 pixels per program). One tile per power of two up to
-# _common.MAX_LAYERNORM_CHANNELS.
+# _common.MAX_LAYERNORM_CHANNELS. The 2048-channel forward takes 16 warps: at 8, triton 3.6's ptxas spilled
+# it on sm_80 (24 bytes), while its backward spilled at 16 on sm_90a and fits at 8.
 TILES = (
-    PixelTile("c16_p64", 16, 64, 4),
-    PixelTile("c32_p32", 32, 32, 4),
-    PixelTile("c64_p16", 64, 16, 4),
-    PixelTile("c128_p8", 128, 8, 4),
-    PixelTile("c256_p4", 256, 4, 4),
-    PixelTile("c512_p4", 512, 4, 8),
-    PixelTile("c1024_p2", 1024, 2, 8),
-    PixelTile("c2048_p1", 2048, 1, 8),
+    PixelTile("c16_p64", 16, 64, 4, 4),
+    PixelTile("c32_p32", 32, 32, 4, 4),
+    PixelTile("c64_p16", 64, 16, 4, 4),
+    PixelTile("c128_p8", 128, 8, 4, 4),
+    PixelTile("c256_p4", 256, 4, 4, 4),
+    PixelTile("c512_p4", 512, 4, 8, 8),
+    PixelTile("c1024_p2", 1024, 2, 8, 8),
+    PixelTile("c2048_p1", 2048, 1, 16, 8),
 )
 # The backward's programs each loop over a run of pixel blocks so that the partial-sum buffer of the norm
 # gradients has at most this many rows (enough programs to fill a GPU, few rows to sum).
@@ -85,7 +88,7 @@ def pixel_tile(x: torch.Tensor) -> PixelTile:
     block_c = max(TILES[0].block_c, triton.next_power_of_2(channels))
     if x.device.type == "cpu" and triton_interpreted():
         block_p = min(triton.next_power_of_2(height * width), max(1, _INTERPRETER_MAX_ELEMENTS // block_c))
-        return PixelTile("interpreter", block_c, block_p, 4)
+        return PixelTile("interpreter", block_c, block_p, 4, 4)
     return next(tile for tile in TILES if tile.block_c == block_c)
 
 
@@ -293,7 +296,7 @@ def depthwise_conv2d_layernorm_forward(
         x.stride(0), x.stride(1), pixel_stride,
         n_p_blocks,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, BLOCK_P=tile.block_p, BLOCK_C=tile.block_c,
-        CHANNELS_LAST=_channels_last(x), num_warps=tile.num_warps,
+        CHANNELS_LAST=_channels_last(x), num_warps=tile.forward_warps,
     )
     return out, mean, rstd
 
@@ -355,7 +358,7 @@ def depthwise_conv2d_layernorm_backward(
             n_p_blocks, n_blocks, blocks_per_program,
             KH=kh, KW=kw, HAS_BIAS=bias is not None, GRAD_Y=grad_y_needed, NORM_GRADS=norm_grads_needed,
             BLOCK_P=tile.block_p, BLOCK_C=tile.block_c, CHANNELS_LAST=_channels_last(x),
-            num_warps=tile.num_warps,
+            num_warps=tile.backward_warps,
         )
         if norm_grads_needed:
             _sum_rows_kernel[(triton.cdiv(2 * channels, _SUM_BLOCK_COLS),)](
@@ -386,7 +389,7 @@ def aot_cases() -> list[tuple[str, object, dict, dict, int]]:
                         "nb_ptr": "*fp32", "out_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
             signature = {**aot_signature(_conv_layernorm_forward_kernel, pointers, common), "eps": "fp32"}
             cases.append((f"forward_{tile.name}_{layout}_{dtype}", _conv_layernorm_forward_kernel, signature,
-                          common, tile.num_warps))
+                          common, tile.forward_warps))
             backward = {**common, "KH": 9, "KW": 9, "GRAD_Y": True, "NORM_GRADS": True, "sgo_c": 1,
                         f"sgy_{unit_stride}": 1}
             pointers = {"go_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "w_ptr": "*fp32", "bias_ptr": "*fp32",
@@ -394,5 +397,5 @@ def aot_cases() -> list[tuple[str, object, dict, dict, int]]:
                         "partial_ptr": "*fp32"}
             cases.append((f"backward_{tile.name}_{layout}_{dtype}", _conv_layernorm_backward_kernel,
                           aot_signature(_conv_layernorm_backward_kernel, pointers, backward), backward,
-                          tile.num_warps))
+                          tile.backward_warps))
     return cases
