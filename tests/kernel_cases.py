@@ -121,3 +121,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     error = (actual64 - expected64).abs().max().item() if expected64.numel() else 0.0
     bound = TOLERANCE[dtype] * scale
     assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g} ({dtype}, scale {scale:.3g})"
+
+
+def forbid_kernel_launches(monkeypatch, module, names) -> None:
+    """Replace the Triton kernels ``names`` of ``module`` with stand-ins that fail the test when launched."""
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError(f"a kernel was launched (grid {grid}) where nothing should run")
+
+    for name in names:
+        monkeypatch.setattr(module, name, NoLaunch())

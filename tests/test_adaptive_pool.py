@@ -11,7 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import ADAPTIVE_POOL_CASES, LAYOUTS, assert_close, case_id, make_input
+from kernel_cases import (
+    ADAPTIVE_POOL_CASES,
+    LAYOUTS,
+    assert_close,
+    case_id,
+    forbid_kernel_launches,
+    make_input,
+)
 
 from deco_kernels import reference
 from deco_kernels.ops._common import memory_format_of, poisoned_outputs
@@ -154,18 +161,12 @@ def test_backward_with_expanded_grad_output(target, pool):
 def test_empty_batch_launches_nothing(target, monkeypatch):
     device, backend = target
     if backend == "triton":
-
-        class NoLaunch:
-            def __getitem__(self, grid):
-                raise AssertionError("a kernel was launched for an empty tensor")
-
-        for name in (
+        forbid_kernel_launches(monkeypatch, triton_pool, (
             "_adaptive_max_pool2d_forward_kernel",
             "_adaptive_max_pool2d_backward_kernel",
             "_adaptive_avg_pool2d_forward_kernel",
             "_adaptive_avg_pool2d_backward_kernel",
-        ):
-            monkeypatch.setattr(triton_pool, name, NoLaunch())
+        ))
     for function in (adaptive_max_pool2d, adaptive_avg_pool2d):
         x = torch.randn(0, 4, 9, 7, device=device, requires_grad=True)
         y = function(x, (3, 2), backend=backend)
