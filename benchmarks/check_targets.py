@@ -12,15 +12,13 @@ the faster of the compile modes measured.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from benchmarks.cases import LARGE_GROUPS
-from benchmarks.results import load, merge
+from benchmarks.results import comparison_key, load, merge
 
-__all__ = ["Outcome", "evaluate"]
+__all__ = ["Outcome", "evaluate", "is_target_row"]
 
 EAGER = ("eager-nchw", "eager-cl")
 COMPILE = ("compile", "compile-max-autotune")
@@ -53,18 +51,12 @@ class Outcome:
         )
 
 
-def _row_key(record: dict) -> tuple:
-    if "op" in record:
-        return (record["op"], json.dumps(record["shape"], sort_keys=True), record["dtype"], record["pass"])
-    return (record["model"], record["batch"], tuple(record["image_size"]), record["dtype"], record["pass"])
-
-
 def _best(records: list[dict], providers: tuple[str, ...]) -> dict[tuple, float]:
     """Least median per row over ``providers``."""
     best: dict[tuple, float] = {}
     for record in records:
         if record["provider"] in providers:
-            key = _row_key(record)
+            key = comparison_key(record)
             best[key] = min(best.get(key, float("inf")), record["median_ms"])
     return best
 
@@ -81,18 +73,27 @@ def _speedup_outcomes(
             outcomes.append(Outcome(target, threshold, "x", side, None, "", 0))
             continue
         key = min(ratios, key=ratios.get)
-        outcomes.append(Outcome(target, threshold, "x", side, ratios[key], " ".join(map(str, key)), len(ratios)))
+        outcomes.append(Outcome(target, threshold, "x", side, ratios[key], " ".join(map(str, key[1:])), len(ratios)))
     return outcomes
 
 
-def _ops(records, op, pass_, where: Callable[[dict], bool] = lambda r: True) -> list[dict]:
-    return [r for r in records if r.get("op") == op and r["pass"] == pass_ and where(r)]
+# The microbenchmark rows each speed-up target is judged on (all fwd+bwd): depthwise 9x9 at the DECO decoder
+# map (25 x 42) and the stride-8 map; the CIM front and the adaptive max pool wherever they are measured.
+SPEEDUP_TARGET_OPS = ("depthwise_conv2d", "upsample_add_conv", "adaptive_max_pool2d")
 
 
-def _depthwise_9x9_target_rows(record: dict) -> bool:
-    shape = record["shape"]
-    at_deco_map = record["group"] == "deco" and (shape["H"], shape["W"]) == (25, 42)
-    return shape["kh"] == shape["kw"] == 9 and (at_deco_map or record["group"] == "stride8")
+def is_target_row(op: str, group: str, shape: dict, pass_: str) -> bool:
+    """True for a microbenchmark row that a speed-up target of the issue is judged on."""
+    if pass_ != "fwd+bwd" or op not in SPEEDUP_TARGET_OPS:
+        return False
+    if op != "depthwise_conv2d":
+        return True
+    at_deco_map = group == "deco" and (shape["H"], shape["W"]) == (25, 42)
+    return shape["kh"] == shape["kw"] == 9 and (at_deco_map or group == "stride8")
+
+
+def _target_rows(records: list[dict], op: str) -> list[dict]:
+    return [r for r in records if r.get("op") == op and is_target_row(op, r["group"], r["shape"], r["pass"])]
 
 
 def _roofline_outcomes(records: list[dict]) -> list[Outcome]:
@@ -101,7 +102,7 @@ def _roofline_outcomes(records: list[dict]) -> list[Outcome]:
         best: dict[tuple, float] = {}
         for r in records:
             if "op" in r and r["group"] in LARGE_GROUPS and r["provider"] in providers:
-                key = _row_key(r)
+                key = comparison_key(r)
                 best[key] = max(best.get(key, 0.0), r["roofline_pct"])
         if not best:
             outcomes.append(Outcome("large shapes >= 70% of the roofline floor", 70, "%", side, None, "", 0))
@@ -114,7 +115,7 @@ def _roofline_outcomes(records: list[dict]) -> list[Outcome]:
                 "%",
                 side,
                 best[key],
-                " ".join(map(str, key)),
+                " ".join(map(str, key[1:])),
                 len(best),
             )
         )
@@ -123,9 +124,7 @@ def _roofline_outcomes(records: list[dict]) -> list[Outcome]:
 
 def evaluate(records: list[dict]) -> list[Outcome]:
     """Every target of the issue over ``records`` (microbenchmark and end-to-end)."""
-    depthwise = _ops(records, "depthwise_conv2d", "fwd+bwd", _depthwise_9x9_target_rows)
-    cim = _ops(records, "upsample_add_conv", "fwd+bwd")
-    max_pool = _ops(records, "adaptive_max_pool2d", "fwd+bwd")
+    depthwise, cim, max_pool = (_target_rows(records, op) for op in SPEEDUP_TARGET_OPS)
     outcomes = []
     outcomes += _speedup_outcomes("depthwise 9x9 fwd+bwd >= 2x faster eager layout", 2.0, depthwise, EAGER, BACKENDS)
     outcomes += _speedup_outcomes("depthwise 9x9 fwd+bwd >= 1.5x torch.compile", 1.5, depthwise, COMPILE, BACKENDS)

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 from benchmarks import roofline  # noqa: E402
 from benchmarks.cases import GROUPS, cases  # noqa: E402
+from benchmarks.check_targets import is_target_row  # noqa: E402
 from benchmarks.microbench import BenchEnv, host_call, run_record  # noqa: E402
 from benchmarks.providers import BASELINES, DEFAULT_PROVIDERS, PROVIDERS, unavailable  # noqa: E402
 from benchmarks.results import ResultsFile, environment  # noqa: E402
@@ -39,6 +40,11 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 def pytest_addoption(parser):
     group = parser.getgroup("deco benchmarks")
     group.addoption("--bench-out", default=None, help="results JSON to write (default: none)")
+    group.addoption(
+        "--bench-resume",
+        action="store_true",
+        help="keep the records already in --bench-out (same device, torch and triton) and skip their rows",
+    )
     group.addoption("--bench-smoke", action="store_true", help="tiny shapes for CI (timings are meaningless)")
     group.addoption("--bench-groups", default=None, help=f"comma list of shape groups, from {GROUPS}")
     group.addoption("--bench-providers", default=None, help=f"comma list, from {PROVIDERS}")
@@ -60,6 +66,8 @@ def pytest_configure(config):
             "the default benchmark matrix (full-size shapes) needs a CUDA device; on the CPU pass --bench-smoke "
             "(tiny shapes) or choose --bench-groups explicitly"
         )
+    if config.getoption("--bench-resume") and not config.getoption("--bench-out"):
+        raise pytest.UsageError("--bench-resume needs --bench-out (the results file to continue)")
     if config.getoption("--bench-smoke"):
         # Tiny shapes: one thread avoids the OpenMP hand-off that dominates (and, on a busy CPU, stalls) them.
         torch.set_num_threads(1)
@@ -108,6 +116,44 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("provider", selection["providers"])
 
 
+# The order rows are measured in, so that a run cut off by its time limit has measured what matters most: the
+# rows the speed targets are judged on, then the rest of fwd+bwd at the target sizes (DECO decoder, stride 8),
+# then their fwd and bwd, then the other groups; ops in this order within each tier. Within a tier the rows
+# keep pytest's order (case, dtype, pass, provider), so the providers of one case and dtype stay together and
+# share its float64 reference.
+_OP_ORDER = (
+    "depthwise_conv2d",
+    "upsample_add_conv",
+    "adaptive_max_pool2d",
+    "depthwise_conv2d_layernorm",
+    "scale_residual_max_pool",
+    "adaptive_avg_pool2d",
+)
+_TARGET_GROUPS = ("deco", "stride8")
+
+
+def measurement_priority(op: str, group: str, shape: dict, pass_: str) -> tuple[int, int]:
+    """Sort key of a row: (tier, op rank), smaller first."""
+    if is_target_row(op, group, shape, pass_):
+        tier = 0
+    elif group in _TARGET_GROUPS:
+        tier = 1 if pass_ == "fwd+bwd" else 2
+    else:
+        tier = 3
+    return tier, _OP_ORDER.index(op)
+
+
+def pytest_collection_modifyitems(config, items):
+    def key(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        case = params.get("bench_case")
+        if case is None:
+            return (-1, 0)
+        return measurement_priority(case.op, case.group, case.dims, params["bench_pass"])
+
+    items.sort(key=key)  # stable
+
+
 @pytest.fixture(scope="session")
 def bench_env(pytestconfig) -> BenchEnv:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +184,10 @@ def bench_results(pytestconfig, bench_env) -> ResultsFile | None:
         "copy_gb_per_s": bench_env.copy_bytes_per_s / 1e9,
         "peak_fp32_tflops": None if bench_env.peak_fp32_flops is None else bench_env.peak_fp32_flops / 1e12,
     }
-    return ResultsFile(path, header, BASELINES)
+    try:
+        return ResultsFile(path, header, BASELINES, resume=pytestconfig.getoption("--bench-resume"))
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from error
 
 
 @pytest.fixture
@@ -149,6 +198,9 @@ def bench_run(bench_env, bench_results, benchmark):
         reason = unavailable(provider, bench_env.device)
         if reason:
             pytest.skip(reason)
+        row = {"op": case.op, "shape": case.dims, "dtype": dtype_name, "pass": pass_, "provider": provider}
+        if bench_results is not None and bench_results.measured(row):
+            pytest.skip(f"measured already in {bench_results.path} (--bench-resume)")
         dtype = _DTYPES[dtype_name]
         record = run_record(case, provider, dtype, pass_, bench_env)
         if bench_results is not None:

@@ -118,6 +118,18 @@ def _peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def _row(model_key: str, provider: str, dtype: str, pass_: str, args) -> dict:
+    """The fields that identify a record (:func:`benchmarks.results.row_key`)."""
+    return {
+        "model": MODEL_NAMES[model_key],
+        "provider": provider,
+        "batch": args.batch if pass_ == "train_step" else 1,
+        "image_size": list(args.image_size),
+        "dtype": dtype,
+        "pass": pass_,
+    }
+
+
 def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device: torch.device) -> dict:
     """Build, warm up and time one (model, provider, dtype, pass); returns its record."""
     from deco.losses import build_criterion
@@ -126,7 +138,8 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
     generator = torch.Generator().manual_seed(0)
     model = build_model(model_key, provider, args.smoke).to(device)
     runner = torch.compile(model) if provider.endswith("compile") else model
-    batch = args.batch if pass_ == "train_step" else 1
+    row = _row(model_key, provider, dtype, pass_, args)
+    batch = row["batch"]
     images, mask, targets = synthetic_batch(batch, tuple(args.image_size), device, generator)
 
     if pass_ == "train_step":
@@ -179,12 +192,7 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
         flush_l2=False,
     )
     record = {
-        "model": MODEL_NAMES[model_key],
-        "provider": provider,
-        "batch": batch,
-        "image_size": list(args.image_size),
-        "dtype": dtype,
-        "pass": pass_,
+        **row,
         "median_ms": stats.median_ms,
         "p20_ms": stats.p20_ms,
         "p80_ms": stats.p80_ms,
@@ -210,6 +218,11 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="results JSON to write (rewritten after every record)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the records already in --out (same device, torch and triton) and skip their rows",
+    )
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
     parser.add_argument(
         "--providers",
@@ -249,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise SystemExit(f"{name}: unknown {bad}; expected among {allowed}")
     skip_compile = set(_csv(args.skip_compile_for))
-    results = ResultsFile(args.out, environment(device), STOCK_PROVIDERS)
+    try:
+        results = ResultsFile(args.out, environment(device), STOCK_PROVIDERS, resume=args.resume)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     # Eager runs of every model first, compiled ones last: compilation takes minutes, and a run cut off by its
     # time budget should lose the compiled rows rather than the DETR comparison.
     combinations = [
@@ -271,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("skipping %s %s %s (CUDA graphs: inference on a GPU only)", model_key, provider, pass_)
                 continue
             for dtype in dtypes:
+                if results.measured(_row(model_key, provider, dtype, pass_, args)):
+                    log.info("skipping %s %s %s %s (in %s already)", model_key, provider, dtype, pass_, args.out)
+                    continue
                 try:
                     record = run_one(model_key, provider, dtype, pass_, args, device)
                 except Exception:  # one failing combination must not lose the others' numbers

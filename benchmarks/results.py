@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ResultsFile", "add_speedups", "environment", "load", "merge", "validate"]
+__all__ = ["ResultsFile", "add_speedups", "comparison_key", "environment", "load", "merge", "row_key", "validate"]
 
 MICRO_PASSES = ("fwd", "bwd", "fwd+bwd")
 E2E_PASSES = ("train_step", "infer")
@@ -61,6 +61,8 @@ _E2E_FIELDS = {
     "peak_mem_gb": (float, type(None)),
     "speedup": dict,
 }
+# A resumed file only takes records of the run it was started by: the same device and software.
+_SAME_RUN_FIELDS = ("device", "torch", "triton")
 _TOP_FIELDS = {
     "device": str,
     "torch": str,
@@ -89,10 +91,17 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def _comparison_key(record: dict) -> tuple:
+def comparison_key(record: dict) -> tuple:
+    """What a record is compared on across providers: the op (or model), shape (or batch and image size),
+    dtype and pass."""
     if "op" in record:
         return ("op", record["op"], json.dumps(record["shape"], sort_keys=True), record["dtype"], record["pass"])
     return ("model", record["model"], record["batch"], tuple(record["image_size"]), record["dtype"], record["pass"])
+
+
+def row_key(record: dict) -> tuple:
+    """What identifies one measurement in a results file: its comparison key and provider."""
+    return (*comparison_key(record), record["provider"])
 
 
 def add_speedups(records: list[dict], baselines: tuple[str, ...]) -> None:
@@ -101,23 +110,50 @@ def add_speedups(records: list[dict], baselines: tuple[str, ...]) -> None:
     by_key: dict[tuple, dict[str, float]] = {}
     for record in records:
         if record["provider"] in baselines:
-            by_key.setdefault(_comparison_key(record), {})[record["provider"]] = record["median_ms"]
+            by_key.setdefault(comparison_key(record), {})[record["provider"]] = record["median_ms"]
     for record in records:
-        base = by_key.get(_comparison_key(record), {})
+        base = by_key.get(comparison_key(record), {})
         record["speedup"] = {name: ms / record["median_ms"] for name, ms in base.items() if name != record["provider"]}
 
 
 class ResultsFile:
-    """Collects records and rewrites the JSON file after each one (atomically: write, then rename)."""
+    """Collects records and rewrites the JSON file after each one (atomically: write, then rename).
 
-    def __init__(self, path: str | os.PathLike, header: dict, baselines: tuple[str, ...]):
+    With ``resume=True`` an existing file at ``path`` is read first and its records kept, so a run cut off by
+    a time limit can be continued by the same command: :meth:`measured` tells which rows it already holds.
+    Records are only ever combined from one device and one torch/triton pair; the file keeps the header of its
+    first run (date, measured copy bandwidth) and ``command`` lists every run's command. Each microbenchmark
+    record carries the roofline floor of its own run (``roofline_floor_ms``).
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict, baselines: tuple[str, ...], resume: bool = False):
         self.path = Path(path)
         self.header = dict(header)
         self.baselines = baselines
         self.records: list[dict] = []
+        if resume and self.path.exists():
+            previous = load(self.path)
+            for field in _SAME_RUN_FIELDS:
+                if previous[field] != self.header[field]:
+                    raise ValueError(
+                        f"{self.path}: cannot resume: its {field} is {previous[field]!r}, this run's is "
+                        f"{self.header[field]!r}; write to another file"
+                    )
+            commands = previous["command"].split(" ; ")
+            if self.header["command"] not in commands:
+                commands.append(self.header["command"])
+            self.header = {key: value for key, value in previous.items() if key != "records"}
+            self.header["command"] = " ; ".join(commands)
+            self.records = previous["records"]
+        self._keys = {row_key(record) for record in self.records}
+
+    def measured(self, record: dict) -> bool:
+        """True when the file already holds the row of ``record`` (any dict with the fields of :func:`row_key`)."""
+        return row_key(record) in self._keys
 
     def add(self, record: dict) -> None:
         self.records.append(record)
+        self._keys.add(row_key(record))
         self.write()
 
     def write(self) -> None:

@@ -17,7 +17,7 @@ from benchmarks import e2e, roofline  # noqa: E402
 from benchmarks.cases import OPS, cases  # noqa: E402
 from benchmarks.check_targets import evaluate  # noqa: E402
 from benchmarks.report import headline_table, render  # noqa: E402
-from benchmarks.results import add_speedups, load, merge, validate  # noqa: E402
+from benchmarks.results import ResultsFile, add_speedups, load, merge, validate  # noqa: E402
 
 
 def test_microbenchmark_suite_runs_on_cpu(tmp_path):
@@ -61,6 +61,74 @@ def test_microbenchmark_suite_runs_on_cpu(tmp_path):
         assert set(record["speedup"]) <= {"eager-nchw", "eager-cl", "compile", "compile-max-autotune"}
         assert record["provider"] not in record["speedup"]
         assert record["forward_error"] < 1e-5
+
+
+def _run_benchmarks(*options):
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", *options]
+    environment = repo_environment(OMP_NUM_THREADS="1")
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_microbenchmarks_resume_a_results_file(tmp_path):
+    out = tmp_path / "micro.json"
+    common = ["benchmarks/test_bench_adaptive_max_pool2d.py", "--bench-smoke", "--bench-dtypes", "float32"]
+    common += ["--bench-passes", "fwd", "--bench-rep-ms", "1", "--bench-out", str(out), "--bench-resume"]
+    first = _run_benchmarks(*common, "--bench-providers", "eager-nchw")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    (measured,) = load(out)["records"]
+
+    second = _run_benchmarks(*common, "--bench-providers", "eager-nchw,eager-cl", "-rs")
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+    assert "measured already in" in second.stdout and "1 passed, 1 skipped" in second.stdout
+    document = load(out)
+    assert [r["provider"] for r in document["records"]] == ["eager-nchw", "eager-cl"]
+    assert document["records"][0]["median_ms"] == measured["median_ms"]  # kept, not measured again
+    assert document["records"][1]["speedup"] == {"eager-nchw": pytest.approx(measured["median_ms"] / document[
+        "records"][1]["median_ms"])}
+
+    out.write_text(json.dumps({**document, "device": "another GPU"}))
+    refused = _run_benchmarks(*common, "--bench-providers", "eager-nchw")
+    assert refused.returncode != 0 and "cannot resume: its device is 'another GPU'" in refused.stdout + refused.stderr
+    assert json.loads(out.read_text())["records"] == document["records"]  # untouched
+
+
+def test_microbenchmarks_measure_target_rows_first():
+    done = _run_benchmarks("benchmarks", "--collect-only", "--bench-groups", "deco,stride8,stride16,deco-enc")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    ids = [line for line in done.stdout.splitlines() if "::test_" in line]
+    assert len(ids) > 2000
+
+    def is_target(test_id):
+        op = test_id.split("::test_")[1].split("[")[0]
+        if "-fwd+bwd-" not in test_id or op not in ("depthwise_conv2d", "upsample_add_conv", "adaptive_max_pool2d"):
+            return False
+        return op != "depthwise_conv2d" or ("kh9-kw9" in test_id and ("stride8-" in test_id or "H25-W42" in test_id))
+
+    targets = [is_target(i) for i in ids]
+    first_other = targets.index(False)
+    assert first_other > 0 and not any(targets[first_other:])  # every target row before every other row
+    assert ids[0].split("[")[1].startswith("deco-") and "-fwd+bwd-" in ids[0] and "kh9-kw9" in ids[0]
+    rest = ids[first_other:]
+    groups = ["stride16-" in i or "deco-enc-" in i for i in rest]
+    assert not any(groups[: groups.index(True)]) and all(groups[groups.index(True):])  # other groups last
+
+
+def test_results_file_resume(tmp_path):
+    path = tmp_path / "r.json"
+    header = {"device": "gpu", "torch": "2.11", "triton": "3.6", "date": "2026-01-01", "command": "first"}
+    first = ResultsFile(path, header, ("eager-nchw",))
+    first.add(_micro("eager-nchw", 2.0))
+    fresh = ResultsFile(path, {**header, "date": "2026-01-02", "command": "second"}, ("eager-nchw",))
+    assert fresh.records == [] and not fresh.measured(_micro("eager-nchw", 1.0))  # without resume: a new file
+    resumed = ResultsFile(path, {**header, "date": "2026-01-02", "command": "second"}, ("eager-nchw",), resume=True)
+    assert resumed.measured(_micro("eager-nchw", 1.0)) and not resumed.measured(_micro("deco-triton", 1.0))
+    assert not resumed.measured(_micro("eager-nchw", 1.0, pass_="fwd"))
+    resumed.add(_micro("deco-triton", 0.5))
+    document = load(path)
+    assert document["date"] == "2026-01-01" and document["command"] == "first ; second"
+    assert document["records"][1]["speedup"] == {"eager-nchw": 4.0}
+    with pytest.raises(ValueError, match="cannot resume: its triton is '3.6', this run's is '3.8'"):
+        ResultsFile(path, {**header, "triton": "3.8"}, ("eager-nchw",), resume=True)
 
 
 @pytest.fixture
@@ -111,6 +179,19 @@ def test_end_to_end_benchmark_runs_on_cpu(tmp_path, one_thread):
         assert record["peak_mem_gb"] is None  # only measured on a GPU
     fused = next(r for r in document["records"] if r["provider"] == "fused-eager")
     assert set(fused["speedup"]) == {"stock-eager"}
+
+
+def test_end_to_end_benchmark_resumes(tmp_path, one_thread, caplog):
+    out = tmp_path / "e2e.json"
+    common = ["--out", str(out), "--resume", "--smoke", "--models", "deco-r18", "--passes", "infer"]
+    common += ["--dtypes", "float32", "--image-size", "64", "64", "--runs", "1", "--warmup", "0", "--rep-ms", "0"]
+    assert e2e.main([*common, "--providers", "stock-eager"]) == 0
+    (measured,) = load(out)["records"]
+    with caplog.at_level("INFO", logger="benchmarks.e2e"):
+        assert e2e.main([*common, "--providers", "stock-eager,fused-eager"]) == 0
+    assert "skipping deco-r18 stock-eager float32 infer (in" in caplog.text
+    records = load(out)["records"]
+    assert [r["provider"] for r in records] == ["stock-eager", "fused-eager"] and records[0] == measured
 
 
 def test_synthetic_batch_is_padded_and_valid():
