@@ -33,6 +33,7 @@ logger = logging.getLogger("deco_kernels")
 
 _setting: str = "auto"
 _logged: set[tuple[str, str, str]] = set()
+_resolved: dict[tuple[str, str, str], str] = {}  # (device type, requested, op) -> backend
 
 
 def _check_name(name: str, argument: str) -> str:
@@ -113,7 +114,13 @@ def resolve_backend(device: torch.device | str, backend: str | None = None, *, o
     without the compiled extension, or ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``).
     """
     requested = _check_name(backend, "backend") if backend is not None else _setting
-    return _resolve(torch.device(device).type, requested, op)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if not torch.compiler.is_compiling():
+        # Every kernel call asks: answer from the cache (what can run where does not change in a process).
+        chosen = _resolved.get((device_type, requested, op))
+        if chosen is not None:
+            return chosen
+    return _resolve(device_type, requested, op)
 
 
 # Under torch.compile this runs once at trace time (availability probes and logging are not traceable) and its
@@ -132,6 +139,7 @@ def _resolve(device_type: str, requested: str, op: str) -> str:
         _logged.add(key)
         how = "auto" if requested == "auto" else "requested"
         logger.info("deco_kernels: %s on %s runs the %r backend (%s)", op, device_type, chosen, how)
+    _resolved[(device_type, requested, op)] = chosen
     return chosen
 
 

@@ -18,9 +18,10 @@
 # into .gpu-run/ (git-ignored) and name `.gpu-run` in the next call's carry; the next bench / e2e / autotune
 # step then continues those files (same GPU, torch and triton) and measures only the rows they lack.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
-# micro-<gpu>.json (bench and autotune), e2e.log, e2e-<gpu>.json, autotune.log, demo.log, demo-<gpu>.json;
-# <gpu> is the GPU model, e.g. h100 (each file records its date). Extra arguments for the suites: BENCH_ARGS
-# (pytest options of benchmarks/conftest.py), E2E_ARGS (options of python -m benchmarks.e2e).
+# host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench and autotune), e2e.log, e2e-<gpu>.json,
+# autotune.log, demo.log, demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
+# Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
+# python -m benchmarks.e2e).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -136,6 +137,9 @@ run_bench() {  # run_bench CAP_S extra pytest args...
 step_bench() {
     ensure_build
     LOG=bench.log
+    note "host overhead per call -> host-$GPU.json (log: bench.log)"
+    timeout "$(left 90)" python -m benchmarks.host_overhead --out "$OUT/host-$GPU.json" 2>&1 | tee -a "$OUT/$LOG"
+    ((PIPESTATUS[0] != 0)) && STATUS=1
     run_bench 555 --bench-groups deco,stride8,deco-enc,stride16
     report_targets
 }

@@ -13,24 +13,23 @@ from subprocess_env import REPO, repo_environment
 
 sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the installed ones, not inside them
 
-from benchmarks import e2e, roofline  # noqa: E402
+from benchmarks import e2e, host_overhead, roofline  # noqa: E402
 from benchmarks.cases import OPS, cases  # noqa: E402
 from benchmarks.check_targets import evaluate  # noqa: E402
 from benchmarks.report import headline_table, render  # noqa: E402
 from benchmarks.results import ResultsFile, add_speedups, load, merge, validate  # noqa: E402
 
 
+def _run_benchmarks(*options):
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", *options]
+    environment = repo_environment(OMP_NUM_THREADS="1")
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+
+
 def test_microbenchmark_suite_runs_on_cpu(tmp_path):
     out = tmp_path / "micro.json"
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
+    done = _run_benchmarks(
         "benchmarks",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--benchmark-disable",
         "--bench-smoke",
         "--bench-dtypes",
         "float32",
@@ -40,9 +39,7 @@ def test_microbenchmark_suite_runs_on_cpu(tmp_path):
         "eager",
         "--bench-out",
         str(out),
-    ]
-    environment = repo_environment(OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     if not torch.cuda.is_available():
         # The GPU backends are skipped on the CPU, and say so.
@@ -61,12 +58,6 @@ def test_microbenchmark_suite_runs_on_cpu(tmp_path):
         assert set(record["speedup"]) <= {"eager-nchw", "eager-cl", "compile", "compile-max-autotune"}
         assert record["provider"] not in record["speedup"]
         assert record["forward_error"] < 1e-5
-
-
-def _run_benchmarks(*options):
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", *options]
-    environment = repo_environment(OMP_NUM_THREADS="1")
-    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
 
 
 def test_microbenchmarks_resume_a_results_file(tmp_path):
@@ -192,6 +183,27 @@ def test_end_to_end_benchmark_resumes(tmp_path, one_thread, caplog):
     assert "skipping deco-r18 stock-eager float32 infer (in" in caplog.text
     records = load(out)["records"]
     assert [r["provider"] for r in records] == ["stock-eager", "fused-eager"] and records[0] == measured
+
+
+def test_host_overhead_runs_on_cpu(tmp_path, one_thread, capsys):
+    out = tmp_path / "host.json"
+    ops = "adaptive_max_pool2d,depthwise_conv2d_layernorm"
+    options = ["--backends", "torch", "--ops", ops, "--calls", "2", "--repeats", "1", "--out", str(out)]
+    assert host_overhead.main(options) == 0
+    document = json.loads(out.read_text())
+    measured = {(r["op"], r["provider"], r["pass"]) for r in document["records"]}
+    assert measured == {
+        (op, provider, pass_)
+        for op in ops.split(",")
+        for provider in ("deco-torch", "eager-nchw")
+        for pass_ in ("fwd", "fwd+bwd")
+    }
+    assert all(r["us_per_call"] > 0 for r in document["records"])
+    assert "adaptive_max_pool2d" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--ops: unknown"):
+        host_overhead.main(["--backends", "torch", "--ops", "conv3d"])
+    with pytest.raises(SystemExit, match="--backends: \\['tpu'\\] cannot run"):
+        host_overhead.main(["--backends", "tpu"])
 
 
 def test_synthetic_batch_is_padded_and_valid():

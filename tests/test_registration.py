@@ -10,12 +10,16 @@ generation, which would take minutes on a 2-core CPU and is not what is under te
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from kernel_cases import TARGETS, assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import deco_kernels
 from deco_kernels import nn as fused_nn
+from deco_kernels.ops._kernel_op import KernelOp
 
 
 def _leaf(*shape, device, channels_last=False, grad=True):
@@ -129,3 +133,56 @@ def test_compile_fullgraph_on_first_call(device, backend, monkeypatch):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(query, memory)
         eager = model(query, memory)
     assert_close(compiled, eager, torch.float32, "compiled on first call vs eager")
+
+
+class _RecordingMode(TorchDispatchMode):
+    """Records the deco_kernels custom ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "deco_kernels":
+            self.ops.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def _kernel_ops() -> list[KernelOp]:
+    found = []
+    # By module path: the package deco_kernels.ops exports functions under some of these names.
+    for name in ("adaptive_pool", "depthwise_conv2d", "depthwise_conv2d_layernorm", "scale_residual_max_pool",
+                 "upsample_add_conv"):
+        module = importlib.import_module(f"deco_kernels.ops.{name}")
+        found += [value for value in vars(module).values() if isinstance(value, KernelOp)]
+    return found
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_eager_route_skips_the_dispatcher_and_equals_the_custom_op(device, backend, monkeypatch):
+    """Plain eager calls run each op's implementation through an autograd.Function; under a dispatch mode
+    (as under tracing) they go through the registered custom ops. Same functions, so bitwise the same."""
+    torch.manual_seed(0)
+    model = _EveryOp(4).to(device)
+    query = torch.randn(2, 4, 3, 3, device=device)
+    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        model.zero_grad()
+        q, m = query.clone().requires_grad_(), memory.clone().requires_grad_()
+        out = model(q, m)
+        out.square().sum().backward()
+        return [out, q.grad, m.grad] + [p.grad for p in model.parameters()]
+
+    kernel_ops = _kernel_ops()
+    assert len(kernel_ops) == 12  # six ops, forward and backward
+    with deco_kernels.use_backend(backend):
+        with monkeypatch.context() as patched:
+            for kernel_op in kernel_ops:
+                patched.setattr(kernel_op, "custom_op", lambda *args: pytest.fail("an eager call took the custom op"))
+            eager = run()
+        with _RecordingMode() as mode:
+            dispatched = run()
+    assert mode.ops == {kernel_op.name for kernel_op in kernel_ops}
+    for index, (expected, actual) in enumerate(zip(dispatched, eager, strict=True)):
+        assert torch.equal(actual, expected), f"output/gradient {index}: eager route differs from the custom op"

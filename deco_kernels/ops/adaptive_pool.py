@@ -18,6 +18,7 @@ import torch
 from deco_kernels import reference
 from deco_kernels.backend import resolve_backend
 from deco_kernels.ops._common import as_supported_layout, check_activation, empty_output, memory_format_of
+from deco_kernels.ops._kernel_op import KernelOp
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d"]
 
@@ -46,31 +47,37 @@ def _layout_of(t: torch.Tensor) -> torch.memory_format:
 # --- max pooling -------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("deco_kernels::adaptive_max_pool2d", mutates_args=())
-def _adaptive_max_pool2d_op(
+def _adaptive_max_pool2d_impl(
     x: torch.Tensor, output_size: list[int], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: B x C x H x W -> (y: B x C x OH x OW in x's dtype, indices: int64 flat h*W+w), x's memory format."""
     return _primitives(backend).adaptive_max_pool2d_forward(x, (output_size[0], output_size[1]))
 
 
-@_adaptive_max_pool2d_op.register_fake
-def _(x, output_size, backend):
+def _adaptive_max_pool2d_fake(x, output_size, backend):
     shape = _pooled_shape(x, output_size)
     return empty_output(shape, x), empty_output(shape, x, dtype=torch.int64)
 
 
-@torch.library.custom_op("deco_kernels::adaptive_max_pool2d_backward", mutates_args=())
-def _adaptive_max_pool2d_backward_op(
+_adaptive_max_pool2d_op = KernelOp(
+    "deco_kernels::adaptive_max_pool2d", _adaptive_max_pool2d_impl, _adaptive_max_pool2d_fake
+)
+
+
+def _adaptive_max_pool2d_backward_impl(
     grad_y: torch.Tensor, indices: torch.Tensor, input_size: list[int], backend: str
 ) -> torch.Tensor:
     """grad_y, indices: B x C x OH x OW -> grad_x: B x C x H x W in grad_y's dtype and memory format."""
     return _primitives(backend).adaptive_max_pool2d_backward(grad_y, indices, (input_size[0], input_size[1]))
 
 
-@_adaptive_max_pool2d_backward_op.register_fake
-def _(grad_y, indices, input_size, backend):
+def _adaptive_max_pool2d_backward_fake(grad_y, indices, input_size, backend):
     return empty_output((grad_y.shape[0], grad_y.shape[1], input_size[0], input_size[1]), grad_y)
+
+
+_adaptive_max_pool2d_backward_op = KernelOp(
+    "deco_kernels::adaptive_max_pool2d_backward", _adaptive_max_pool2d_backward_impl, _adaptive_max_pool2d_backward_fake
+)
 
 
 def _max_setup_context(ctx, inputs, output):
@@ -114,26 +121,32 @@ _adaptive_max_pool2d_backward_op.register_autograd(
 # --- average pooling ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("deco_kernels::adaptive_avg_pool2d", mutates_args=())
-def _adaptive_avg_pool2d_op(x: torch.Tensor, output_size: list[int], backend: str) -> torch.Tensor:
+def _adaptive_avg_pool2d_impl(x: torch.Tensor, output_size: list[int], backend: str) -> torch.Tensor:
     """x: B x C x H x W -> y: B x C x OH x OW in x's dtype and memory format."""
     return _primitives(backend).adaptive_avg_pool2d_forward(x, (output_size[0], output_size[1]))
 
 
-@_adaptive_avg_pool2d_op.register_fake
-def _(x, output_size, backend):
+def _adaptive_avg_pool2d_fake(x, output_size, backend):
     return empty_output(_pooled_shape(x, output_size), x)
 
 
-@torch.library.custom_op("deco_kernels::adaptive_avg_pool2d_backward", mutates_args=())
-def _adaptive_avg_pool2d_backward_op(grad_y: torch.Tensor, input_size: list[int], backend: str) -> torch.Tensor:
+_adaptive_avg_pool2d_op = KernelOp(
+    "deco_kernels::adaptive_avg_pool2d", _adaptive_avg_pool2d_impl, _adaptive_avg_pool2d_fake
+)
+
+
+def _adaptive_avg_pool2d_backward_impl(grad_y: torch.Tensor, input_size: list[int], backend: str) -> torch.Tensor:
     """grad_y: B x C x OH x OW -> grad_x: B x C x H x W in grad_y's dtype and memory format."""
     return _primitives(backend).adaptive_avg_pool2d_backward(grad_y, (input_size[0], input_size[1]))
 
 
-@_adaptive_avg_pool2d_backward_op.register_fake
-def _(grad_y, input_size, backend):
+def _adaptive_avg_pool2d_backward_fake(grad_y, input_size, backend):
     return empty_output((grad_y.shape[0], grad_y.shape[1], input_size[0], input_size[1]), grad_y)
+
+
+_adaptive_avg_pool2d_backward_op = KernelOp(
+    "deco_kernels::adaptive_avg_pool2d_backward", _adaptive_avg_pool2d_backward_impl, _adaptive_avg_pool2d_backward_fake
+)
 
 
 def _avg_setup_context(ctx, inputs, output):

@@ -13,14 +13,14 @@ import torch
 from deco_kernels import reference
 from deco_kernels.backend import resolve_backend
 from deco_kernels.ops import _common
+from deco_kernels.ops._kernel_op import KernelOp
 
 __all__ = ["depthwise_conv2d"]
 
 _OP = "depthwise_conv2d"
 
 
-@torch.library.custom_op("deco_kernels::depthwise_conv2d", mutates_args=())
-def _depthwise_conv2d_op(
+def _depthwise_conv2d_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
     return _common.primitives(backend, "depthwise_conv2d").depthwise_conv2d_forward(
@@ -28,13 +28,14 @@ def _depthwise_conv2d_op(
     )
 
 
-@_depthwise_conv2d_op.register_fake
-def _(x, weight, bias, backend):
+def _depthwise_conv2d_fake(x, weight, bias, backend):
     return _common.empty_output(x.shape, x)
 
 
-@torch.library.custom_op("deco_kernels::depthwise_conv2d_backward", mutates_args=())
-def _depthwise_conv2d_backward_op(
+_depthwise_conv2d_op = KernelOp("deco_kernels::depthwise_conv2d", _depthwise_conv2d_impl, _depthwise_conv2d_fake)
+
+
+def _depthwise_conv2d_backward_impl(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: list[bool], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight fp32, grad_bias fp32); an output not in ``output_mask`` is an empty tensor."""
@@ -44,8 +45,7 @@ def _depthwise_conv2d_backward_op(
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
-@_depthwise_conv2d_backward_op.register_fake
-def _(grad_y, x, weight, output_mask, backend):
+def _depthwise_conv2d_backward_fake(grad_y, x, weight, output_mask, backend):
     need_x, need_weight, need_bias = output_mask
     channels = x.shape[1]
     return (
@@ -53,6 +53,11 @@ def _(grad_y, x, weight, output_mask, backend):
         weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else x.new_empty(0),
         weight.new_empty((channels,), dtype=torch.float32) if need_bias else x.new_empty(0),
     )
+
+
+_depthwise_conv2d_backward_op = KernelOp(
+    "deco_kernels::depthwise_conv2d_backward", _depthwise_conv2d_backward_impl, _depthwise_conv2d_backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):

@@ -18,14 +18,14 @@ import torch
 from deco_kernels import reference
 from deco_kernels.backend import resolve_backend
 from deco_kernels.ops import _common
+from deco_kernels.ops._kernel_op import KernelOp
 
 __all__ = ["depthwise_conv2d_layernorm"]
 
 _OP = "depthwise_conv2d_layernorm"
 
 
-@torch.library.custom_op("deco_kernels::depthwise_conv2d_layernorm", mutates_args=())
-def _depthwise_conv2d_layernorm_op(
+def _depthwise_conv2d_layernorm_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -41,8 +41,7 @@ def _depthwise_conv2d_layernorm_op(
     )
 
 
-@_depthwise_conv2d_layernorm_op.register_fake
-def _(x, weight, bias, norm_weight, norm_bias, eps, backend):
+def _depthwise_conv2d_layernorm_fake(x, weight, bias, norm_weight, norm_bias, eps, backend):
     batch, channels, height, width = x.shape
     return (
         _common.empty_output((batch, height, width, channels), x, memory_format=torch.contiguous_format),
@@ -51,8 +50,12 @@ def _(x, weight, bias, norm_weight, norm_bias, eps, backend):
     )
 
 
-@torch.library.custom_op("deco_kernels::depthwise_conv2d_layernorm_backward", mutates_args=())
-def _depthwise_conv2d_layernorm_backward_op(
+_depthwise_conv2d_layernorm_op = KernelOp(
+    "deco_kernels::depthwise_conv2d_layernorm", _depthwise_conv2d_layernorm_impl, _depthwise_conv2d_layernorm_fake
+)
+
+
+def _depthwise_conv2d_layernorm_backward_impl(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -72,8 +75,9 @@ def _depthwise_conv2d_layernorm_backward_op(
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
-@_depthwise_conv2d_layernorm_backward_op.register_fake
-def _(grad_out, x, weight, bias, norm_weight, mean, rstd, output_mask, backend):
+def _depthwise_conv2d_layernorm_backward_fake(
+    grad_out, x, weight, bias, norm_weight, mean, rstd, output_mask, backend
+):
     need_x, need_weight, need_bias, need_norm_weight, need_norm_bias = output_mask
     channels = x.shape[1]
     # A separate empty tensor per skipped output: outputs must not alias each other.
@@ -84,6 +88,13 @@ def _(grad_out, x, weight, bias, norm_weight, mean, rstd, output_mask, backend):
         weight.new_empty((channels,), dtype=torch.float32) if need_norm_weight else x.new_empty(0),
         weight.new_empty((channels,), dtype=torch.float32) if need_norm_bias else x.new_empty(0),
     )
+
+
+_depthwise_conv2d_layernorm_backward_op = KernelOp(
+    "deco_kernels::depthwise_conv2d_layernorm_backward",
+    _depthwise_conv2d_layernorm_backward_impl,
+    _depthwise_conv2d_layernorm_backward_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):

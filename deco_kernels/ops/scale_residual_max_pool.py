@@ -29,6 +29,7 @@ from deco_kernels.ops._common import (
     parameter_as_fp32,
     primitives,
 )
+from deco_kernels.ops._kernel_op import KernelOp
 from deco_kernels.ops.adaptive_pool import _output_size
 
 __all__ = ["scale_residual_max_pool"]
@@ -36,16 +37,14 @@ __all__ = ["scale_residual_max_pool"]
 _OP = "scale_residual_max_pool"
 
 
-@torch.library.custom_op("deco_kernels::scale_residual_max_pool", mutates_args=())
-def _scale_residual_max_pool_op(
+def _scale_residual_max_pool_impl(
     z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: list[int], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z, ffn: B x H x W x C; gamma: C fp32 -> (y, indices, ffn at argmax): B x C x OH x OW, channels-last."""
     return primitives(backend, _OP).scale_residual_max_pool_forward(z, ffn, gamma, (output_size[0], output_size[1]))
 
 
-@_scale_residual_max_pool_op.register_fake
-def _(z, ffn, gamma, output_size, backend):
+def _scale_residual_max_pool_fake(z, ffn, gamma, output_size, backend):
     shape = (z.shape[0], z.shape[3], output_size[0], output_size[1])
     return (
         empty_output(shape, z, memory_format=torch.channels_last),
@@ -54,8 +53,12 @@ def _(z, ffn, gamma, output_size, backend):
     )
 
 
-@torch.library.custom_op("deco_kernels::scale_residual_max_pool_backward", mutates_args=())
-def _scale_residual_max_pool_backward_op(
+_scale_residual_max_pool_op = KernelOp(
+    "deco_kernels::scale_residual_max_pool", _scale_residual_max_pool_impl, _scale_residual_max_pool_fake
+)
+
+
+def _scale_residual_max_pool_backward_impl(
     grad_y: torch.Tensor,
     gamma: torch.Tensor,
     indices: torch.Tensor,
@@ -69,14 +72,20 @@ def _scale_residual_max_pool_backward_op(
     )
 
 
-@_scale_residual_max_pool_backward_op.register_fake
-def _(grad_y, gamma, indices, picked_ffn, input_size, backend):
+def _scale_residual_max_pool_backward_fake(grad_y, gamma, indices, picked_ffn, input_size, backend):
     shape = (grad_y.shape[0], input_size[0], input_size[1], grad_y.shape[1])
     return (
         empty_output(shape, grad_y, memory_format=torch.contiguous_format),
         empty_output(shape, grad_y, memory_format=torch.contiguous_format),
         empty_output((grad_y.shape[1],), grad_y, dtype=torch.float32),
     )
+
+
+_scale_residual_max_pool_backward_op = KernelOp(
+    "deco_kernels::scale_residual_max_pool_backward",
+    _scale_residual_max_pool_backward_impl,
+    _scale_residual_max_pool_backward_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):

@@ -13,14 +13,14 @@ import torch
 from deco_kernels import reference
 from deco_kernels.backend import resolve_backend
 from deco_kernels.ops import _common
+from deco_kernels.ops._kernel_op import KernelOp
 
 __all__ = ["upsample_add_conv"]
 
 _OP = "upsample_add_conv"
 
 
-@torch.library.custom_op("deco_kernels::upsample_add_conv", mutates_args=())
-def _upsample_add_conv_op(
+def _upsample_add_conv_impl(
     query: torch.Tensor, memory: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
     return _common.primitives(backend, "upsample_add_conv").upsample_add_conv_forward(
@@ -28,13 +28,14 @@ def _upsample_add_conv_op(
     )
 
 
-@_upsample_add_conv_op.register_fake
-def _(query, memory, weight, bias, backend):
+def _upsample_add_conv_fake(query, memory, weight, bias, backend):
     return _common.empty_output(memory.shape, memory)
 
 
-@torch.library.custom_op("deco_kernels::upsample_add_conv_backward", mutates_args=())
-def _upsample_add_conv_backward_op(
+_upsample_add_conv_op = KernelOp("deco_kernels::upsample_add_conv", _upsample_add_conv_impl, _upsample_add_conv_fake)
+
+
+def _upsample_add_conv_backward_impl(
     grad_y: torch.Tensor,
     query: torch.Tensor,
     memory: torch.Tensor,
@@ -49,8 +50,7 @@ def _upsample_add_conv_backward_op(
     return tuple(memory.new_empty(0) if grad is None else grad for grad in grads)
 
 
-@_upsample_add_conv_backward_op.register_fake
-def _(grad_y, query, memory, weight, output_mask, backend):
+def _upsample_add_conv_backward_fake(grad_y, query, memory, weight, output_mask, backend):
     need_query, need_memory, need_weight, need_bias = output_mask
     empty = memory.new_empty(0)
     return (
@@ -59,6 +59,11 @@ def _(grad_y, query, memory, weight, output_mask, backend):
         weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else empty,
         weight.new_empty((memory.shape[1],), dtype=torch.float32) if need_bias else empty,
     )
+
+
+_upsample_add_conv_backward_op = KernelOp(
+    "deco_kernels::upsample_add_conv_backward", _upsample_add_conv_backward_impl, _upsample_add_conv_backward_fake
+)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,82 @@
+"""One registered custom op per kernel call, and the cheaper route eager mode takes to the same code.
+
+Every Triton/CUDA entry point (forward and backward of each op) is registered once with torch.library: its
+schema, fake implementation and autograd formula are what torch.compile, torch.export, FakeTensor and
+dispatch modes see. Calling a Python custom op in eager mode costs several layers of Python (the dispatcher's
+Python kernel, the generated autograd wrapper, argument normalisation): tens of microseconds per call, as
+long as a DECO-sized kernel runs (``python -m benchmarks.host_overhead`` measures it). So in plain eager mode
+a :class:`KernelOp` runs the *same* implementation, ``setup_context`` and backward as a
+``torch.autograd.Function`` instead; anything else (compiling, tracing, fake or subclass tensors, an active
+dispatch mode) goes through the registered custom op. Same functions, same results; only the route differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["KernelOp"]
+
+# Exactly these types (not subclasses: FakeTensor, FunctionalTensor, DTensor, ...) take the eager route.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args: tuple) -> bool:
+    """True outside torch.compile/export, dispatch modes and torch.func transforms, with plain tensors only."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        return False
+    return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
+
+
+def _requires_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+class KernelOp:
+    """A torch.library custom op (``.custom_op``) whose calls take the eager route where they can.
+
+    ``qualname`` is ``"deco_kernels::<name>"``; ``impl`` is the op's implementation (its type annotations
+    give the schema), ``fake`` its fake implementation; :meth:`register_autograd` takes the ``backward``
+    and ``setup_context`` of ``torch.library.register_autograd`` and uses them for both routes.
+    """
+
+    def __init__(self, qualname: str, impl: Callable, fake: Callable):
+        self._impl = impl
+        self.name = qualname.split("::")[-1]
+        self.custom_op = torch.library.custom_op(qualname, impl, mutates_args=())
+        self.custom_op.register_fake(fake)
+        self._function: type[torch.autograd.Function] | None = None
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.custom_op.register_autograd(backward, setup_context=setup_context)
+        impl = self._impl
+
+        # The ctx-taking form of forward: the form with a separate setup_context binds its arguments through
+        # inspect.signature on every call (tens of microseconds). torch.func transforms never get here
+        # (_plain_eager sends them to the custom op).
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        name = "".join(part.title() for part in self.name.split("_")) + "Function"
+        self._function = type(
+            name,
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        )
+
+    def __call__(self, *args):
+        if _plain_eager(args):
+            if not _requires_grad(args):
+                return self._impl(*args)  # no graph to record (inference, or the backward pass itself)
+            if self._function is not None:
+                return self._function.apply(*args)
+        # Also an op without an autograd formula called on tensors that need grad: the custom op's error
+        # ("autograd not registered") is the right answer when that graph is differentiated.
+        return self.custom_op(*args)
