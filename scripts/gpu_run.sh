@@ -21,7 +21,8 @@
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench and autotune), e2e.log, e2e-<gpu>.json,
 # autotune.log, demo.log, demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
-# python -m benchmarks.e2e).
+# python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead); GPU_RUN_CARRIED names another
+# directory of carried results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +37,7 @@ gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
 GPU="$(echo "${gpu_name:-nogpu}" | sed -e 's/^NVIDIA //' | awk '{print tolower($1)}' | tr -cd 'a-z0-9-')"
 MICRO_JSON=$OUT/micro-$GPU.json
 E2E_JSON=$OUT/e2e-$GPU.json
-CARRIED=.gpu-run
+CARRIED=${GPU_RUN_CARRIED:-.gpu-run}
 for f in "$CARRIED/micro-$GPU.json" "$CARRIED/e2e-$GPU.json"; do
     [[ -s $f && ! -e $OUT/${f##*/} ]] && cp "$f" "$OUT/" && echo "continuing $f"
 done
@@ -138,7 +139,8 @@ step_bench() {
     ensure_build
     LOG=bench.log
     note "host overhead per call -> host-$GPU.json (log: bench.log)"
-    timeout "$(left 90)" python -m benchmarks.host_overhead --out "$OUT/host-$GPU.json" 2>&1 | tee -a "$OUT/$LOG"
+    # shellcheck disable=SC2086
+    timeout "$(left 90)" python -m benchmarks.host_overhead --out "$OUT/host-$GPU.json" ${HOST_ARGS:-} 2>&1 | tee -a "$OUT/$LOG"
     ((PIPESTATUS[0] != 0)) && STATUS=1
     run_bench 555 --bench-groups deco,stride8,deco-enc,stride16
     report_targets

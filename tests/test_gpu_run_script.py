@@ -1,0 +1,67 @@
+"""scripts/gpu_run.sh, the whole GPU session, runs its bench and e2e steps here on tiny shapes: a mistake in
+the script must not first show up in the few minutes of a lent GPU. Two calls, the second continuing the
+first's carried results as the device tool's calls do."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from subprocess_env import REPO, repo_environment
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+_SMOKE_BENCH = "--bench-groups smoke --bench-dtypes float32 --bench-rep-ms 1 --bench-compile-backend eager"
+_SMOKE_E2E = (
+    "--smoke --models deco-r18 --providers stock-eager --passes infer --image-size 64 64 --runs 1 --warmup 0 "
+    "--rep-ms 0"
+)
+
+
+def _gpu_run(out, carried, *steps, providers):
+    environment = repo_environment(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # the script runs `python`
+        OUT=str(out),
+        GPU_RUN_CARRIED=str(carried),
+        GPU_RUN_BUDGET_S="400",
+        OMP_NUM_THREADS="1",
+        BENCH_ARGS=f"{_SMOKE_BENCH} --bench-providers {providers}",
+        E2E_ARGS=_SMOKE_E2E,
+        HOST_ARGS="--calls 2 --repeats 1 --ops adaptive_max_pool2d --backends torch",
+    )
+    done = subprocess.run(
+        ["bash", "scripts/gpu_run.sh", *steps], cwd=REPO, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
+    probe = subprocess.run([sys.executable, "-c", "import deco_kernels._C"], cwd=REPO, env=repo_environment())
+    if probe.returncode != 0:
+        pytest.skip("deco_kernels._C is not built here: the script would build it first (minutes)")
+    gpu = torch.cuda.get_device_name(0).removeprefix("NVIDIA ").split()[0].lower() if torch.cuda.is_available() else None
+    first_out, second_out, carried = tmp_path / "first", tmp_path / "second", tmp_path / "carried"
+
+    log = _gpu_run(first_out, carried, "bench", providers="eager-nchw")
+    files = sorted(path.name for path in first_out.iterdir())
+    gpu = gpu or "nogpu"
+    assert files == ["bench.log", "env.txt", f"host-{gpu}.json", f"micro-{gpu}.json"], files
+    first = json.loads((first_out / f"micro-{gpu}.json").read_text())["records"]
+    assert first and {r["provider"] for r in first} == {"eager-nchw"}
+    assert "targets on" in log  # the target report ran
+
+    carried.mkdir()
+    shutil.copy(first_out / f"micro-{gpu}.json", carried)
+    log = _gpu_run(second_out, carried, "bench", "e2e", providers="eager-nchw,eager-cl")
+    assert f"continuing {carried}/micro-{gpu}.json" in log
+    second = json.loads((second_out / f"micro-{gpu}.json").read_text())["records"]
+    assert second[: len(first)] == [{**r, "speedup": second[i]["speedup"]} for i, r in enumerate(first)]
+    assert {r["provider"] for r in second[len(first):]} == {"eager-cl"}  # only the missing rows were measured
+    e2e = json.loads((second_out / f"e2e-{gpu}.json").read_text())["records"]
+    assert [(r["model"], r["provider"], r["pass"]) for r in e2e] == [("DECO-R18", "stock-eager", "infer")]
