@@ -11,7 +11,8 @@
 #   bash scripts/gpu_run.sh all            # everything in order (only where no 10-minute limit applies)
 #
 # Every call prints the environment first and builds the CUDA extension if this machine has no build of it
-# (a fresh machine is bare). Each step runs under `timeout`, bounded by what is left of GPU_RUN_BUDGET_S
+# (a fresh machine is bare; the build step returns the module, deco_kernels/_C.cpython-*.so: carry it in later
+# calls to skip the build). Each step runs under `timeout`, bounded by what is left of GPU_RUN_BUDGET_S
 # (default 570 s) since the script started, so one call stays inside the device tool's 10 minutes.
 # The benchmarks write their JSON after every measurement and measure the rows the speed targets need first, so
 # a step cut off keeps what matters. Results accumulate across calls: copy the JSON files a call brought back
@@ -85,6 +86,11 @@ step_build() {
     tail -5 "$OUT/build.log"
     if ((rc != 0)); then
         echo "build failed (rc $rc); see build.log" && STATUS=1
+    else
+        # The built module comes back with the call's files: put it into deco_kernels/ on the CPU machine and
+        # name it in later calls' carry, and a fresh machine skips the build (minutes of device time).
+        local module
+        module=$(python -c 'import deco_kernels._C as m; print(m.__file__)' 2>/dev/null) && cp "$module" "$OUT/"
     fi
     # The import check every later step relies on: nothing here may import pycocotools (absent on this machine).
     python - <<'EOF' 2>&1 | tee -a "$OUT/build.log"
