@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from deco_kernels.ops._common import empty_output, memory_format_of
+from deco_kernels.triton import on_input_device
 
 __all__ = [
     "adaptive_avg_pool2d_backward",
@@ -263,6 +264,7 @@ def _check_index_range(
             raise ValueError(f"input {dim}={size} with output {dim}={out} is too large for 32-bit window indices")
 
 
+@on_input_device
 def adaptive_max_pool2d_forward(
     x: torch.Tensor, output_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,6 +292,7 @@ def adaptive_max_pool2d_forward(
     return y, indices
 
 
+@on_input_device
 def adaptive_max_pool2d_backward(
     grad_y: torch.Tensor, indices: torch.Tensor, input_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -316,6 +319,7 @@ def adaptive_max_pool2d_backward(
     return grad_x
 
 
+@on_input_device
 def adaptive_avg_pool2d_forward(x: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
     """Adaptive average pooling.
 
@@ -340,6 +344,7 @@ def adaptive_avg_pool2d_forward(x: torch.Tensor, output_size: tuple[int, int]) -
     return y
 
 
+@on_input_device
 def adaptive_avg_pool2d_backward(grad_y: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
     """Gradient of adaptive average pooling: each input pixel sums ``grad_y / window area`` of its windows.
 

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from deco_kernels.backend import triton_interpreted
 from deco_kernels.ops import _common
+from deco_kernels.triton import on_input_device
 
 __all__ = [
     "aot_cases",
@@ -385,6 +386,7 @@ def launch_weight_grad(
     return grad_weight, grad_bias
 
 
+@on_input_device
 def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C).
 
@@ -398,6 +400,7 @@ def depthwise_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     return y
 
 
+@on_input_device
 def depthwise_conv2d_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: list[bool]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

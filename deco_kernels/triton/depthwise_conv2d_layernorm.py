@@ -30,6 +30,7 @@ import triton.language as tl
 
 from deco_kernels.backend import triton_interpreted
 from deco_kernels.ops import _common
+from deco_kernels.triton import on_input_device
 from deco_kernels.triton.depthwise_conv2d import (
     _SUM_BLOCK_COLS,
     _SUM_BLOCK_ROWS,
@@ -264,6 +265,7 @@ def _check_norm_parameters(norm_weight: torch.Tensor, norm_bias: torch.Tensor | 
                          f"got C={channels}")
 
 
+@on_input_device
 def depthwise_conv2d_layernorm_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -301,6 +303,7 @@ def depthwise_conv2d_layernorm_forward(
     return out, mean, rstd
 
 
+@on_input_device
 def depthwise_conv2d_layernorm_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,

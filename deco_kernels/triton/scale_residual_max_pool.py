@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from deco_kernels.ops._common import empty_output
+from deco_kernels.triton import on_input_device
 from deco_kernels.triton.adaptive_pool import (
     CONFIGS,
     _block_elements,
@@ -139,6 +140,7 @@ def _scale_residual_max_pool_grad_gamma_kernel(
     tl.store(partial_ptr + split.to(tl.int64) * C + c64, tl.sum(acc, axis=0), mask=channel_ok)
 
 
+@on_input_device
 def scale_residual_max_pool_forward(
     z: torch.Tensor, ffn: torch.Tensor, gamma: torch.Tensor, output_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,6 +171,7 @@ def scale_residual_max_pool_forward(
     return y, indices, picked_ffn
 
 
+@on_input_device
 def scale_residual_max_pool_backward(
     grad_y: torch.Tensor,
     gamma: torch.Tensor,

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from deco_kernels.ops import _common
+from deco_kernels.triton import on_input_device
 from deco_kernels.triton.depthwise_conv2d import (
     TILES,
     _nearest_source,
@@ -91,6 +92,7 @@ def _check_pair(query: torch.Tensor, memory: torch.Tensor, op: str) -> None:
         )
 
 
+@on_input_device
 def upsample_add_conv_forward(
     query: torch.Tensor, memory: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -107,6 +109,7 @@ def upsample_add_conv_forward(
     return y
 
 
+@on_input_device
 def upsample_add_conv_backward(
     grad_y: torch.Tensor, query: torch.Tensor, memory: torch.Tensor, weight: torch.Tensor, output_mask: list[bool]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
