@@ -84,7 +84,7 @@ struct CpuBackend {
     const int channels = pass.s.channels, pixels = pass.tiling.pixels;
     std::vector<float> y_tile(pass.tile_elements()), mean_tile(pixels), rstd_tile(pixels);
     for (int tile = 0; tile < pass.tiling.tiles; ++tile) {
-      for (int e = 0; e < pass.tile_elements(); ++e) pass.conv_element(tile, e, y_tile.data());
+      for (int w = 0; w < pass.tile_strips(); ++w) pass.y_strip(tile, w, y_tile.data());
       for (int p = 0; p < pixels; ++p) {
         const float* row = y_tile.data() + p * channels;
         const float mean = layer_norm_channel_mean(
@@ -104,10 +104,8 @@ struct CpuBackend {
     std::vector<float> xhat_tile(pass.tile_elements()), g_tile(pass.tile_elements()), mean_g_tile(pixels),
         mean_g_xhat_tile(pixels);
     for (int tile = 0; tile < pass.tiling.tiles; ++tile) {
-      for (int e = 0; e < pass.tile_elements(); ++e) {
-        pass.xhat_element(tile, e, xhat_tile.data());
-        pass.grad_out_element(tile, e, g_tile.data());
-      }
+      for (int w = 0; w < pass.tile_strips(); ++w) pass.xhat_strip(tile, w, xhat_tile.data());
+      for (int e = 0; e < pass.tile_elements(); ++e) pass.grad_out_element(tile, e, g_tile.data());
       if (pass.partials != nullptr)
         for (int c = 0; c < channels; ++c) pass.norm_partials(tile, c, xhat_tile.data(), g_tile.data());
       if (pass.grad_y == nullptr) continue;

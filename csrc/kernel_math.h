@@ -685,8 +685,11 @@ struct GammaGradReduceOp {
 // without writing the conv output. One block per tile of `pixels` consecutive flat pixels (h * W + w) of one
 // image times all C channels; the tile's fp32 values live in shared memory (on the CPU: a local buffer),
 // row-major by pixel. Passes of a block, separated by barriers:
-//   1. every thread computes tile elements (conv outputs; in backward also grad_out): element order follows
-//      x's contiguous axis (or grad_out's channels), so global reads are coalesced;
+//   1. every thread computes conv outputs of the tile, kLayerNormStrip consecutive pixels of one channel at a
+//      time with the register window of conv_strip (a strip that crosses an image row is computed pixel by
+//      pixel); strips are numbered along x's contiguous axis (channels for channels-last x, pixels for NCHW)
+//      so that neighbouring threads read neighbouring addresses. The backward also reads grad_out here, by
+//      element, channels fastest;
 //   2. each warp reduces whole pixels over channels: per-lane sums, the xor butterfly, lane 0's total;
 //   3. every thread writes tile elements (forward: BHWC out, c fastest; backward: grad of the conv output in
 //      x's format).
@@ -697,6 +700,9 @@ constexpr int kLayerNormMaxChannels = 2048;
 constexpr int kLayerNormThreads = 256;
 constexpr int kLayerNormTileElements = 4096;  // 16 KB of fp32 per tile buffer; >= kLayerNormMaxChannels
 constexpr int kLayerNormMaxPixels = 32;
+// Conv outputs per thread in pass 1: a row of kh x kw taps costs kLayerNormStrip + kw - 1 reads, not
+// kLayerNormStrip * kw. 4 keeps the work items numerous at C = 480 (8 pixels per tile: 2 strips a channel).
+constexpr int kLayerNormStrip = 4;
 
 // Tiles are numbered with ints (the host checks that they fit): a 64-bit division is a subroutine call on
 // the GPU, whose register saves put loop invariants on the stack.
@@ -705,8 +711,11 @@ struct LayerNormTiling {
   int tiles_per_image;  // tiles of one image's H * W pixels
   int64_t tiles;        // B * tiles_per_image, one block each
   int image_pixels;     // H * W
+  int strips;           // strips of kLayerNormStrip pixel slots per channel (the last one may be shorter)
 
   DECO_HD int image(int tile) const { return tile / tiles_per_image; }
+  // The end of the strip that starts at pixel slot p0.
+  DECO_HD int strip_end(int p0) const { return p0 + kLayerNormStrip < pixels ? p0 + kLayerNormStrip : pixels; }
   // Pixel slot p of a tile: its h * W + w in the image (>= image_pixels: past the image's end) ...
   DECO_HD int pixel(int tile, int p) const { return (tile % tiles_per_image) * pixels + p; }
   // ... and its flat (b, h, w) index into B x H x W (x C) tensors.
@@ -722,10 +731,12 @@ DECO_HD LayerNormTiling make_layer_norm_tiling(const ConvShape& s) {
   t.tiles_per_image = (s.height * s.width + t.pixels - 1) / t.pixels;
   t.tiles = static_cast<int64_t>(s.batch) * t.tiles_per_image;
   t.image_pixels = s.height * s.width;
+  t.strips = (t.pixels + kLayerNormStrip - 1) / kLayerNormStrip;
   return t;
 }
 
-// Element e of a tile: pixel slot p and channel c, with c fastest when `channels_fastest`, else p.
+// Item e of a tile's `pixels` x `channels` grid (pixel slots, or strips of them in pass 1): slot p and
+// channel c, with c fastest when `channels_fastest`, else p.
 DECO_HD void layer_norm_tile_slot(int e, int pixels, int channels, bool channels_fastest, int& p, int& c) {
   if (channels_fastest) {
     p = e / channels;
@@ -744,6 +755,35 @@ DECO_HD float conv_output_at(const Source& in, const float* weight, const float*
   float acc[1] = {};
   conv_strip(reader, weight + static_cast<int64_t>(c) * s.kh * s.kw, s.kh, s.kw, acc);
   return BiasEpilogue{bias}(b, c, y, x, acc[0]);
+}
+
+// Pass 1 of both directions: the conv outputs (+ bias) of channel c at pixel slots [p0, p0 + kLayerNormStrip)
+// of the tile (those inside it), each handed to store(p, value); a slot past the image's end gets
+// store(p, 0). Slots in one image row share conv_strip's register window; the sums are those of
+// conv_output_at (same taps, same order), so either way gives bitwise the same value.
+template <class Source, class Store>
+DECO_HD void layer_norm_conv_strip(const Source& in, const float* weight, const float* bias, const ConvShape& s,
+                                   const LayerNormTiling& tiling, int tile, int c, int p0, const Store& store) {
+  const int end = tiling.strip_end(p0);
+  const int b = tiling.image(tile);
+  const int first = tiling.pixel(tile, p0), last = tiling.pixel(tile, end - 1);
+  if (last < tiling.image_pixels && first / s.width == last / s.width) {
+    const int y = first / s.width, x = first % s.width;
+    const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
+    float acc[kLayerNormStrip] = {};
+    conv_strip(reader, weight + static_cast<int64_t>(c) * s.kh * s.kw, s.kh, s.kw, acc);
+    // Constant indices into acc once unrolled: a variable one would put it on the stack.
+    DECO_UNROLL
+    for (int k = 0; k < kLayerNormStrip; ++k)
+      if (p0 + k < end) store(p0 + k, BiasEpilogue{bias}(b, c, y, x + k, acc[k]));
+    return;
+  }
+  for (int p = p0; p < end; ++p) {
+    const int pixel = tiling.pixel(tile, p);
+    store(p, pixel < tiling.image_pixels
+                 ? conv_output_at(in, weight, bias, s, b, c, pixel / s.width, pixel % s.width)
+                 : 0.0f);
+  }
 }
 
 // Lane `lane`'s share of sum_c row[c], of sum_c (row[c] - mean)^2 and of sum_c a[c] * w[c] (* b[c]), over
@@ -797,16 +837,15 @@ struct ConvLayerNormForwardPass {
   float* rstd;  // B x H x W
 
   DECO_HD int tile_elements() const { return tiling.pixels * s.channels; }
+  DECO_HD int tile_strips() const { return tiling.strips * s.channels; }
 
-  // Pass 1: element e of the tile, the conv output (0 past the image).
-  DECO_HD void conv_element(int tile, int e, float* y_tile) const {
-    int p, c;
-    layer_norm_tile_slot(e, tiling.pixels, s.channels, channels_last, p, c);
-    const int pixel = tiling.pixel(tile, p);
-    y_tile[p * s.channels + c] =
-        pixel < tiling.image_pixels
-            ? conv_output_at(in, weight, bias, s, tiling.image(tile), c, pixel / s.width, pixel % s.width)
-            : 0.0f;
+  // Pass 1: strip w of the tile, its conv outputs (0 past the image).
+  DECO_HD void y_strip(int tile, int w, float* y_tile) const {
+    int strip, c;
+    layer_norm_tile_slot(w, tiling.strips, s.channels, channels_last, strip, c);
+    const int channels = s.channels;
+    layer_norm_conv_strip(in, weight, bias, s, tiling, tile, c, strip * kLayerNormStrip,
+                          [=](int p, float y) { y_tile[p * channels + c] = y; });
   }
 
   // Pass 2, from the butterfly totals of pixel slot p (the channel mean, then the sum of squared deviations
@@ -851,19 +890,22 @@ struct ConvLayerNormBackwardPass {
   float* partials;  // tiles x 2C: sum_p grad_out * xhat, then sum_p grad_out; or nullptr: not wanted
 
   DECO_HD int tile_elements() const { return tiling.pixels * s.channels; }
+  DECO_HD int tile_strips() const { return tiling.strips * s.channels; }
 
-  // Pass 1a: element e (x's order) of xhat = (y - mean) * rstd (0 past the image).
-  DECO_HD void xhat_element(int tile, int e, float* xhat_tile) const {
-    int p, c;
-    layer_norm_tile_slot(e, tiling.pixels, s.channels, channels_last, p, c);
-    const int pixel = tiling.pixel(tile, p);
-    float value = 0.0f;
-    if (pixel < tiling.image_pixels) {
-      const int64_t flat = tiling.flat_pixel(tile, p);
-      const float y = conv_output_at(in, weight, bias, s, tiling.image(tile), c, pixel / s.width, pixel % s.width);
-      value = (y - mean[flat]) * rstd[flat];
+  // Pass 1a: strip w of the tile, its xhat = (y - mean) * rstd (0 past the image).
+  DECO_HD void xhat_strip(int tile, int w, float* xhat_tile) const {
+    int strip, c;
+    layer_norm_tile_slot(w, tiling.strips, s.channels, channels_last, strip, c);
+    const int channels = s.channels, p0 = strip * kLayerNormStrip;
+    layer_norm_conv_strip(in, weight, bias, s, tiling, tile, c, p0,
+                          [=](int p, float y) { xhat_tile[p * channels + c] = y; });
+    for (int p = p0; p < tiling.strip_end(p0); ++p) {
+      float& value = xhat_tile[p * channels + c];
+      if (tiling.pixel(tile, p) < tiling.image_pixels) {
+        const int64_t flat = tiling.flat_pixel(tile, p);
+        value = (value - mean[flat]) * rstd[flat];
+      }
     }
-    xhat_tile[p * s.channels + c] = value;
   }
 
   // Pass 1b: element e (c fastest) of grad_out (0 past the image).

@@ -15,7 +15,8 @@
 //   warp reads consecutive channels; its gamma gradient sums grad_y * ffn[argmax] per (32-position split,
 //   channel), then adds each channel's splits in order: deterministic, no atomics.
 // - Conv + LayerNorm: a 256-thread block per tile of pixels x all channels (fp32 in shared memory); conv
-//   outputs read in x's coalesced order, one warp per pixel for the channel statistics, BHWC stores.
+//   outputs 4 pixels of a row per thread with the conv's register window, strips numbered along x's
+//   contiguous axis; one warp per pixel for the channel statistics, BHWC stores.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -86,15 +87,19 @@ __device__ __forceinline__ float warp_butterfly_total(float sum) {
   return __shfl_sync(0xffffffffu, sum, 0);
 }
 
+// Two resident blocks per SM as the stated minimum: with no minimum, ptxas capped these kernels at 32-48
+// registers and kept pass 1's loop state on the stack; this lets them take the 50-64 they need.
+constexpr int kLayerNormMinBlocks = 2;
+
 template <class Pass>
-__global__ void __launch_bounds__(kLayerNormThreads) conv_layernorm_forward_kernel(const Pass pass) {
+__global__ void __launch_bounds__(kLayerNormThreads, kLayerNormMinBlocks) conv_layernorm_forward_kernel(const Pass pass) {
   extern __shared__ float shared[];
   const int channels = pass.s.channels, elements = pass.tile_elements();
   float* y_tile = shared;
   float* mean_tile = shared + elements;
   float* rstd_tile = mean_tile + pass.tiling.pixels;
   const int tile = blockIdx.x;
-  for (int e = threadIdx.x; e < elements; e += kLayerNormThreads) pass.conv_element(tile, e, y_tile);
+  for (int w = threadIdx.x; w < pass.tile_strips(); w += kLayerNormThreads) pass.y_strip(tile, w, y_tile);
   __syncthreads();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   for (int p = warp; p < pass.tiling.pixels; p += kLayerNormThreads / kWarp) {
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(kLayerNormThreads) conv_layernorm_forward_kern
 }
 
 template <class Pass>
-__global__ void __launch_bounds__(kLayerNormThreads) conv_layernorm_backward_kernel(const Pass pass) {
+__global__ void __launch_bounds__(kLayerNormThreads, kLayerNormMinBlocks) conv_layernorm_backward_kernel(const Pass pass) {
   extern __shared__ float shared[];
   const int channels = pass.s.channels, elements = pass.tile_elements();
   float* xhat_tile = shared;
@@ -117,10 +122,8 @@ __global__ void __launch_bounds__(kLayerNormThreads) conv_layernorm_backward_ker
   float* mean_g_tile = g_tile + elements;
   float* mean_g_xhat_tile = mean_g_tile + pass.tiling.pixels;
   const int tile = blockIdx.x;
-  for (int e = threadIdx.x; e < elements; e += kLayerNormThreads) {
-    pass.xhat_element(tile, e, xhat_tile);
-    pass.grad_out_element(tile, e, g_tile);
-  }
+  for (int w = threadIdx.x; w < pass.tile_strips(); w += kLayerNormThreads) pass.xhat_strip(tile, w, xhat_tile);
+  for (int e = threadIdx.x; e < elements; e += kLayerNormThreads) pass.grad_out_element(tile, e, g_tile);
   __syncthreads();
   if (pass.partials != nullptr)
     for (int c = threadIdx.x; c < channels; c += kLayerNormThreads) pass.norm_partials(tile, c, xhat_tile, g_tile);

@@ -49,7 +49,8 @@ DEPTHWISE_CASES = [
 
 # (B, C, H, W, kh, kw) of depthwise_conv2d_layernorm (the LayerNorm runs over C): C of 1 (the output is the
 # norm bias), C not a power of two, maps smaller than the kernel, H or W of 1, a rectangular kernel, DECO's
-# 10 x 10 query grid with the SIM's 9 x 9.
+# 10 x 10 query grid with the SIM's 9 x 9, and wide C (the CUDA kernel's tiles of 8 and of 3 pixels, whose
+# register-window strips of 4 pixels cross image rows or end short).
 DEPTHWISE_LAYERNORM_CASES = [
     (1, 1, 5, 5, 3, 3),
     (3, 5, 7, 9, 3, 3),
@@ -59,6 +60,8 @@ DEPTHWISE_LAYERNORM_CASES = [
     (2, 3, 11, 1, 7, 7),
     (2, 9, 6, 15, 3, 7),
     (1, 33, 10, 10, 9, 9),
+    (2, 480, 3, 5, 7, 7),
+    (1, 1100, 3, 4, 3, 3),
 ]
 
 # (B, C, Hq, Wq, H, W, kh, kw): query grid upsampled (or, when smaller, downsampled) to the memory's H x W.
