@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Case", "GROUPS", "LARGE_GROUPS", "OPS", "cases"]
+__all__ = ["Case", "GROUPS", "LARGE_GROUPS", "OPS", "cases", "comma_list"]
 
 OPS = (
     "depthwise_conv2d",
@@ -153,3 +153,8 @@ def cases(
         and (kernels is None or c.kernel is None or c.kernel in kernels)
         and (batches is None or c.batch in batches)
     ]
+
+
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated command-line value, stripped, empty ones dropped."""
+    return [v.strip() for v in text.split(",") if v.strip()]

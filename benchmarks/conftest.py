@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from benchmarks import roofline  # noqa: E402
-from benchmarks.cases import GROUPS, cases  # noqa: E402
+from benchmarks.cases import GROUPS, cases, comma_list  # noqa: E402
 from benchmarks.check_targets import is_target_row  # noqa: E402
 from benchmarks.microbench import BenchEnv, host_call, run_record  # noqa: E402
 from benchmarks.providers import BASELINES, DEFAULT_PROVIDERS, PROVIDERS, unavailable  # noqa: E402
@@ -34,7 +34,7 @@ _SMOKE_PROVIDERS = ("deco-torch", "deco-triton", "deco-cuda", "eager-nchw", "eag
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
-    return None if value in (None, "") else tuple(v.strip() for v in value.split(",") if v.strip())
+    return None if value in (None, "") else tuple(comma_list(value))
 
 
 def pytest_addoption(parser):

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from benchmarks.cases import comma_list
 from benchmarks.results import ResultsFile, environment
 from benchmarks.timing import measure
 
@@ -211,10 +212,6 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _csv(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="results JSON to write (rewritten after every record)")
@@ -251,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models, providers, passes, dtypes = (_csv(args.models), _csv(args.providers), _csv(args.passes), _csv(args.dtypes))
+    models, providers, passes, dtypes = (
+        comma_list(args.models), comma_list(args.providers), comma_list(args.passes), comma_list(args.dtypes)
+    )
     for name, values, allowed in (
         ("--models", models, MODELS),
         ("--providers", providers, DECO_PROVIDERS + DETR_PROVIDERS),
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = sorted(set(values) - set(allowed))
         if bad:
             raise SystemExit(f"{name}: unknown {bad}; expected among {allowed}")
-    skip_compile = set(_csv(args.skip_compile_for))
+    skip_compile = set(comma_list(args.skip_compile_for))
     try:
         results = ResultsFile(args.out, environment(device), STOCK_PROVIDERS, resume=args.resume)
     except ValueError as error:

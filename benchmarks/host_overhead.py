@@ -25,7 +25,7 @@ import torch
 
 from deco_kernels.backend import available_backends
 
-from benchmarks.cases import OPS, cases
+from benchmarks.cases import OPS, cases, comma_list
 from benchmarks.providers import make_inputs, provider_function
 from benchmarks.results import environment
 
@@ -73,19 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _csv(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     available = available_backends(device)
-    backends = _csv(args.backends) if args.backends else [b for b in available if b != "torch"] or ["torch"]
+    backends = comma_list(args.backends) if args.backends else [b for b in available if b != "torch"] or ["torch"]
     missing = sorted(set(backends) - set(available))
     if missing:
         raise SystemExit(f"--backends: {missing} cannot run on {device} here; available: {list(available)}")
-    ops = _csv(args.ops)
+    ops = comma_list(args.ops)
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         raise SystemExit(f"--ops: unknown {unknown}; expected among {OPS}")

@@ -896,16 +896,18 @@ struct ConvLayerNormBackwardPass {
   DECO_HD void xhat_strip(int tile, int w, float* xhat_tile) const {
     int strip, c;
     layer_norm_tile_slot(w, tiling.strips, s.channels, channels_last, strip, c);
-    const int channels = s.channels, p0 = strip * kLayerNormStrip;
-    layer_norm_conv_strip(in, weight, bias, s, tiling, tile, c, p0,
-                          [=](int p, float y) { xhat_tile[p * channels + c] = y; });
-    for (int p = p0; p < tiling.strip_end(p0); ++p) {
-      float& value = xhat_tile[p * channels + c];
-      if (tiling.pixel(tile, p) < tiling.image_pixels) {
-        const int64_t flat = tiling.flat_pixel(tile, p);
-        value = (value - mean[flat]) * rstd[flat];
+    const int channels = s.channels;
+    const LayerNormTiling t = tiling;
+    const float* const saved_mean = mean;
+    const float* const saved_rstd = rstd;
+    layer_norm_conv_strip(in, weight, bias, s, tiling, tile, c, strip * kLayerNormStrip, [=](int p, float y) {
+      float value = 0.0f;
+      if (t.pixel(tile, p) < t.image_pixels) {
+        const int64_t flat = t.flat_pixel(tile, p);
+        value = (y - saved_mean[flat]) * saved_rstd[flat];
       }
-    }
+      xhat_tile[p * channels + c] = value;
+    });
   }
 
   // Pass 1b: element e (c fastest) of grad_out (0 past the image).

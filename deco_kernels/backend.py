@@ -32,8 +32,8 @@ _SETTINGS = BACKENDS + ("auto",)
 logger = logging.getLogger("deco_kernels")
 
 _setting: str = "auto"
-_logged: set[tuple[str, str, str]] = set()
-_resolved: dict[tuple[str, str, str], str] = {}  # (device type, requested, op) -> backend
+# (device type, requested, op) -> backend, filled (and logged) on the first resolution of each key.
+_resolved: dict[tuple[str, str, str], str] = {}
 
 
 def _check_name(name: str, argument: str) -> str:
@@ -134,12 +134,11 @@ def _resolve(device_type: str, requested: str, op: str) -> str:
             f"deco_kernels: backend {chosen!r} cannot run {op} on {device_type} tensors here; "
             f"available: {', '.join(available_backends(device))}"
         )
-    key = (op, device_type, chosen)
-    if key not in _logged:
-        _logged.add(key)
+    key = (device_type, requested, op)
+    if key not in _resolved:
+        _resolved[key] = chosen
         how = "auto" if requested == "auto" else "requested"
         logger.info("deco_kernels: %s on %s runs the %r backend (%s)", op, device_type, chosen, how)
-    _resolved[(device_type, requested, op)] = chosen
     return chosen
 
 

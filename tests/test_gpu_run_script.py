@@ -45,12 +45,14 @@ def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import deco_kernels._C"], cwd=REPO, env=repo_environment())
     if probe.returncode != 0:
         pytest.skip("deco_kernels._C is not built here: the script would build it first (minutes)")
-    gpu = torch.cuda.get_device_name(0).removeprefix("NVIDIA ").split()[0].lower() if torch.cuda.is_available() else None
+    # The script's name for this machine's GPU: the model, lower case ("h100"), or "nogpu".
+    gpu = torch.cuda.get_device_name(0).removeprefix("NVIDIA ").split()[0].lower() if torch.cuda.is_available() else (
+        "nogpu"
+    )
     first_out, second_out, carried = tmp_path / "first", tmp_path / "second", tmp_path / "carried"
 
     log = _gpu_run(first_out, carried, "bench", providers="eager-nchw")
     files = sorted(path.name for path in first_out.iterdir())
-    gpu = gpu or "nogpu"
     assert files == ["bench.log", "env.txt", f"host-{gpu}.json", f"micro-{gpu}.json"], files
     first = json.loads((first_out / f"micro-{gpu}.json").read_text())["records"]
     assert first and {r["provider"] for r in first} == {"eager-nchw"}

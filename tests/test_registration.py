@@ -125,7 +125,7 @@ def test_compile_fullgraph_matches_eager(device, backend):
 def test_compile_fullgraph_on_first_call(device, backend, monkeypatch):
     """Compiling before any eager call: choosing and logging the backend must not break the graph."""
     torch._dynamo.reset()
-    monkeypatch.setattr(deco_kernels.backend, "_logged", set())
+    monkeypatch.setattr(deco_kernels.backend, "_resolved", {})
     model = _EveryOp(4).to(device)
     query = torch.randn(2, 4, 3, 3, device=device)
     memory = torch.randn(2, 4, 7, 8, device=device)

@@ -17,23 +17,19 @@ import torch
 
 from deco_kernels import reference
 from deco_kernels.backend import resolve_backend
-from deco_kernels.ops._common import as_supported_layout, check_activation, empty_output, memory_format_of
+from deco_kernels.ops._common import (
+    as_supported_layout,
+    check_activation,
+    empty_output,
+    memory_format_of,
+    primitives,
+)
 from deco_kernels.ops._kernel_op import KernelOp
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d"]
 
 _KERNEL_BACKENDS = ("triton", "cuda")
-
-
-def _primitives(backend: str):
-    """The module holding the backend's pooling primitives (same names and signatures in both)."""
-    if backend == "triton":
-        from deco_kernels.triton import adaptive_pool as module
-    elif backend == "cuda":
-        from deco_kernels import _cuda as module
-    else:
-        raise ValueError(f"deco_kernels pooling custom ops run {_KERNEL_BACKENDS}; got backend {backend!r}")
-    return module
+_MODULE = "adaptive_pool"  # deco_kernels.triton.adaptive_pool holds the Triton primitives
 
 
 def _pooled_shape(x: torch.Tensor, output_size: Sequence[int]) -> tuple[int, int, int, int]:
@@ -51,7 +47,7 @@ def _adaptive_max_pool2d_impl(
     x: torch.Tensor, output_size: list[int], backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: B x C x H x W -> (y: B x C x OH x OW in x's dtype, indices: int64 flat h*W+w), x's memory format."""
-    return _primitives(backend).adaptive_max_pool2d_forward(x, (output_size[0], output_size[1]))
+    return primitives(backend, _MODULE).adaptive_max_pool2d_forward(x, (output_size[0], output_size[1]))
 
 
 def _adaptive_max_pool2d_fake(x, output_size, backend):
@@ -68,7 +64,7 @@ def _adaptive_max_pool2d_backward_impl(
     grad_y: torch.Tensor, indices: torch.Tensor, input_size: list[int], backend: str
 ) -> torch.Tensor:
     """grad_y, indices: B x C x OH x OW -> grad_x: B x C x H x W in grad_y's dtype and memory format."""
-    return _primitives(backend).adaptive_max_pool2d_backward(grad_y, indices, (input_size[0], input_size[1]))
+    return primitives(backend, _MODULE).adaptive_max_pool2d_backward(grad_y, indices, (input_size[0], input_size[1]))
 
 
 def _adaptive_max_pool2d_backward_fake(grad_y, indices, input_size, backend):
@@ -123,7 +119,7 @@ _adaptive_max_pool2d_backward_op.register_autograd(
 
 def _adaptive_avg_pool2d_impl(x: torch.Tensor, output_size: list[int], backend: str) -> torch.Tensor:
     """x: B x C x H x W -> y: B x C x OH x OW in x's dtype and memory format."""
-    return _primitives(backend).adaptive_avg_pool2d_forward(x, (output_size[0], output_size[1]))
+    return primitives(backend, _MODULE).adaptive_avg_pool2d_forward(x, (output_size[0], output_size[1]))
 
 
 def _adaptive_avg_pool2d_fake(x, output_size, backend):
@@ -137,7 +133,7 @@ _adaptive_avg_pool2d_op = KernelOp(
 
 def _adaptive_avg_pool2d_backward_impl(grad_y: torch.Tensor, input_size: list[int], backend: str) -> torch.Tensor:
     """grad_y: B x C x OH x OW -> grad_x: B x C x H x W in grad_y's dtype and memory format."""
-    return _primitives(backend).adaptive_avg_pool2d_backward(grad_y, (input_size[0], input_size[1]))
+    return primitives(backend, _MODULE).adaptive_avg_pool2d_backward(grad_y, (input_size[0], input_size[1]))
 
 
 def _adaptive_avg_pool2d_backward_fake(grad_y, input_size, backend):
