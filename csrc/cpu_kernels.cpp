@@ -1,6 +1,7 @@
 // CPU builds of the CUDA kernels (registered for the CPU dispatch key): the same grid -- blocks, threads,
 // warp lanes -- walked serially, calling the same kernel_math.h functions as kernels.cu (see the comment
 // there for what this does and does not test). They exist to test the kernels without a GPU, not for speed.
+#include <algorithm>
 #include <vector>
 
 #include "ops.h"
@@ -50,22 +51,25 @@ struct CpuBackend {
   static void weight_grad_partials(const ConvShape& s, const Source& in, const TensorSource<T>& grad_out,
                                    float* partials) {
     const GradTiling tiling = make_grad_tiling(s);
+    const GradWork work = make_grad_work(s);
+    const int in_rows = grad_input_rows(s.kh), in_cols = grad_input_cols(s.kw), pitch = grad_input_pitch(s.kw);
     const int taps_with_bias = s.kh * s.kw + 1;
-    std::vector<float> grad_tile(kGradTileH * kGradTileW), input_tile(grad_input_tile_size(s));
+    std::vector<float> gy_tile(kGradTileH * kGradOutPitch), in_tile(in_rows * pitch), sums(kGradThreads * kGradSlots);
     for (int c = 0; c < s.channels; ++c) {
       for (int tile = 0; tile < tiling.tiles; ++tile) {
         int b, h0, w0;
         grad_tile_origin(tiling, tile, b, h0, w0);
-        for (int e = 0; e < kGradTileH * kGradTileW; ++e)
-          grad_tile[e] = grad_out_tile_element(grad_out, s, b, c, h0, w0, e);
-        for (int e = 0; e < grad_input_tile_size(s); ++e)
-          input_tile[e] = grad_input_tile_element(in, s, b, c, h0, w0, e);
-        for (int t = 0; t < taps_with_bias; ++t) {
-          float lanes[kWarp];
-          for (int lane = 0; lane < kWarp; ++lane)
-            lanes[lane] = weight_grad_lane_sum(grad_tile.data(), input_tile.data(), s, t, lane);
-          partials[(static_cast<int64_t>(c) * tiling.tiles + tile) * taps_with_bias + t] = butterfly_sum(lanes);
-        }
+        for (int row = 0; row < kGradTileH; ++row)
+          for (int col = 0; col < kGradTileW; ++col)
+            gy_tile[row * kGradOutPitch + col] = grad_out_tile_value(grad_out, s, b, c, h0, w0, row, col);
+        for (int row = 0; row < in_rows; ++row)
+          for (int col = 0; col < in_cols; ++col)
+            in_tile[row * pitch + col] = grad_input_tile_value(in, s, b, c, h0, w0, row, col);
+        const int rows = std::min(kGradTileH, s.height - h0), cols = std::min(kGradTileW, s.width - w0);
+        for (int thread = 0; thread < kGradThreads; ++thread)
+          weight_grad_thread_sums(gy_tile.data(), in_tile.data(), s, work, rows, cols, thread, sums.data());
+        float* block_partials = partials + (static_cast<int64_t>(c) * tiling.tiles + tile) * taps_with_bias;
+        for (int t = 0; t < taps_with_bias; ++t) block_partials[t] = weight_grad_tap_sum(sums.data(), s, work, t);
       }
     }
   }

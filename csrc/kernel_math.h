@@ -4,8 +4,8 @@
 // Why the CPU build tests the GPU kernels' math: everything a CUDA thread computes lives in these
 // DECO_HD functions -- which input element a tile slot holds and its zero padding (conv_tile_element), the
 // register-window tap loop of a conv strip (conv_strip), epilogues (bias, upsampled residual), nearest-
-// upsampling source indices and their inverse footprints, the per-lane partial sums of the weight gradient
-// and the order of their butterfly reduction, adaptive-pool windows, the first-maximum/NaN rule, the gather
+// upsampling source indices and their inverse footprints, the weight gradient's per-thread register-window sums
+// and the order of their reduction, adaptive-pool windows, the first-maximum/NaN rule, the gather
 // ranges of the pool backward passes, the CIM back end's sum z + gamma * ffn and the split order of its
 // gamma gradient. The CPU build walks the same grid as the GPU (tiles, threads, lanes; serially) and calls the
 // same functions on the same fp32 values, in the same order, with fmaf where the GPU uses an FMA, so a wrong
@@ -118,8 +118,7 @@ constexpr int kConvStrip = 8;
 constexpr int kConvThreads = kConvTileH * (kConvTileW / kConvStrip);  // 128
 // Channels-last: threads run along C (coalesced), each computing kConvStripCL outputs of one row, reading
 // the input through the cache instead of a shared tile.
-constexpr int kConvStripCL = 4;
-constexpr int kConvThreadsCL = 128;
+constexpr int kConvStripCL = 8;
 
 DECO_HD int conv_tile_rows(int kh) { return kConvTileH + kh - 1; }
 // Row pitch of the tile: odd, so that the 16 rows a warp's threads start on fall in distinct banks.
@@ -135,11 +134,12 @@ DECO_HD float conv_tile_element(const Source& in, const ConvShape& s, int b, int
   return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
 }
 
-// acc[k] += sum_{i < kh, j < kw} weight[i * kw + j] * in(i, k + j) for k < N. `in(i, col)` reads the zero-
-// padded input at tap row i and column col relative to the strip's first window. Each tap row keeps a
-// sliding window of N inputs in registers, so a row costs N + kw - 1 reads instead of N * kw.
+// acc[k] += sum_{i < kh, j < kw} weight[(i * kw + j) * tap_stride] * in(i, k + j) for k < N. `in(i, col)` reads
+// the zero-padded input at tap row i and column col relative to the strip's first window. Each tap row keeps
+// a sliding window of N inputs in registers, so a row costs N + kw - 1 reads instead of N * kw. tap_stride is 1
+// for one channel's kh x kw weights, C for tap-major (kh x kw x C) weights.
 template <int N, class Reader>
-DECO_HD void conv_strip(const Reader& in, const float* weight, int kh, int kw, float (&acc)[N]) {
+DECO_HD void conv_strip(const Reader& in, const float* weight, int tap_stride, int kh, int kw, float (&acc)[N]) {
   for (int i = 0; i < kh; ++i) {
     float window[N];
     DECO_UNROLL
@@ -150,7 +150,7 @@ DECO_HD void conv_strip(const Reader& in, const float* weight, int kh, int kw, f
         for (int k = 0; k + 1 < N; ++k) window[k] = window[k + 1];
         window[N - 1] = in(i, N - 1 + j);
       }
-      const float tap = weight[i * kw + j];
+      const float tap = weight[(i * kw + j) * tap_stride];
       DECO_UNROLL
       for (int k = 0; k < N; ++k) acc[k] = fmaf(tap, window[k], acc[k]);
     }
@@ -242,22 +242,37 @@ template <typename T, class Epilogue>
 DECO_HD void conv_tile_thread(const float* tile, const float* weight, const ConvShape& s, const Epilogue& epilogue,
                               T* out, const Layout& out_layout, int b, int c, int h0, int w0, int thread) {
   const TileReader reader = tile_reader(tile, s, thread);
+  // Strips wholly outside the image (a map smaller than the tile, e.g. DECO's 25 x 42) store nothing.
+  if (h0 + reader.row >= s.height || w0 + reader.col0 >= s.width) return;
   float acc[kConvStrip] = {};
-  conv_strip(reader, weight, s.kh, s.kw, acc);
+  conv_strip(reader, weight, 1, s.kh, s.kw, acc);
   conv_store_strip(epilogue, s, out_layout, out, b, c, h0 + reader.row, w0 + reader.col0, acc);
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Weight and bias gradients: grad_w[c, t] = sum_{b, y, x} gy[b, c, y, x] * in[b, c, y + i - kh/2, x + j - kw/2]
-// and grad_b[c] = sum gy. One block per (tile of one image, channel) holds a kGradTileH x kGradTileW tile of
-// grad y and the matching input tile with halo; each warp owns whole taps (tap index `taps` is the bias), its
-// lanes sum over the tile's pixels and a butterfly of xor shuffles adds the 32 lane sums. The per-tile sums
-// go to a buffer and a second pass adds them over tiles in a fixed order: deterministic, no float atomics.
+// Weight and bias gradients: grad_w[c, i, j] = sum_{b, y, x} gy[b, c, y, x] * in[b, c, y + i - kh/2, x + j - kw/2]
+// and grad_b[c] = sum gy. One block per (channel, kGradTileH x kGradTileW tile of one image) stages that tile
+// of grad y and the input tile with its halo in shared memory. The taps are split into units (tap row i, a
+// chunk of at most kGradChunk consecutive tap columns); `groups` threads share a unit, each taking every
+// groups-th strip of kGradStrip pixels of a row (strips wholly outside the image are skipped). A thread keeps
+// its strip's grad y in registers and slides a window of inputs along the input row, so a strip costs
+// kGradStrip + kGradStrip + taps - 1 shared reads for kGradStrip * taps FMAs (about a third of a read per FMA,
+// where one thread per pixel and tap would read two). The threads' sums go to shared memory and each tap's
+// partial over the tile is their fixed-order sum; a second pass adds the partials over tiles in a fixed order:
+// deterministic, no atomics.
 
-constexpr int kGradTileH = 16;
+constexpr int kGradTileH = 32;
 constexpr int kGradTileW = 32;
+constexpr int kGradStrip = 8;
+constexpr int kGradStripsPerRow = kGradTileW / kGradStrip;
+constexpr int kGradStrips = kGradTileH * kGradStripsPerRow;
+constexpr int kGradChunk = 9;  // kernels up to 9 wide in one chunk; wider ones in near-equal chunks (31: 8,8,8,7)
 constexpr int kGradThreads = 256;
+constexpr int kGradSlots = kGradChunk + 1;  // a thread's sums: its chunk's taps, then sum(gy) (unit 0 only)
 constexpr int kWarp = 32;
+// Row pitch of the grad y tile: odd, so that the strips a warp reads (consecutive strips: 8 rows x 4) start in
+// distinct banks.
+constexpr int kGradOutPitch = kGradTileW + 1;
 
 struct GradTiling {
   int tiles_h, tiles_w, tiles;  // per-channel tile count over batch x rows x columns
@@ -278,35 +293,103 @@ DECO_HD void grad_tile_origin(const GradTiling& g, int tile, int& b, int& h0, in
   w0 = (rest % g.tiles_w) * kGradTileW;
 }
 
-DECO_HD int grad_input_tile_cols(int kw) { return kGradTileW + kw - 1; }
-DECO_HD int grad_input_tile_size(const ConvShape& s) { return (kGradTileH + s.kh - 1) * grad_input_tile_cols(s.kw); }
+// How a block's threads share the taps: `units` = kh x `chunks` (units <= 31 x 4, so groups >= 2 for the
+// kernels the host accepts, at most 31 x 31); thread t works on unit t / groups.
+struct GradWork {
+  int chunks, chunk_width, units, groups;
+};
 
-// Slot e of the grad-y tile (zero beyond the image, so those pixels add nothing).
+DECO_HD GradWork make_grad_work(const ConvShape& s) {
+  GradWork w;
+  w.chunks = (s.kw + kGradChunk - 1) / kGradChunk;
+  w.chunk_width = (s.kw + w.chunks - 1) / w.chunks;
+  w.units = s.kh * w.chunks;
+  w.groups = kGradThreads / w.units;
+  return w;
+}
+
+DECO_HD int grad_input_rows(int kh) { return kGradTileH + kh - 1; }
+DECO_HD int grad_input_cols(int kw) { return kGradTileW + kw - 1; }
+// Odd for the same reason as kGradOutPitch.
+DECO_HD int grad_input_pitch(int kw) { return grad_input_cols(kw) | 1; }
+// Floats of shared memory a block uses: the grad y tile, the input tile and the threads' sums.
+DECO_HD int grad_shared_floats(const ConvShape& s) {
+  return kGradTileH * kGradOutPitch + grad_input_rows(s.kh) * grad_input_pitch(s.kw) + kGradThreads * kGradSlots;
+}
+
+// grad y at (row, col) of the tile starting at (h0, w0); zero beyond the image, so those pixels add nothing.
 template <class Source>
-DECO_HD float grad_out_tile_element(const Source& gy, const ConvShape& s, int b, int c, int h0, int w0, int e) {
-  const int y = h0 + e / kGradTileW, x = w0 + e % kGradTileW;
+DECO_HD float grad_out_tile_value(const Source& gy, const ConvShape& s, int b, int c, int h0, int w0, int row,
+                                  int col) {
+  const int y = h0 + row, x = w0 + col;
   return (y < s.height && x < s.width) ? gy(b, c, y, x) : 0.0f;
 }
 
-// Slot e of the input tile with halo (zero padding outside the image).
+// The input at (row, col) of the tile with halo (zero padding outside the image).
 template <class Source>
-DECO_HD float grad_input_tile_element(const Source& in, const ConvShape& s, int b, int c, int h0, int w0, int e) {
-  const int cols = grad_input_tile_cols(s.kw);
-  const int y = h0 - s.kh / 2 + e / cols, x = w0 - s.kw / 2 + e % cols;
+DECO_HD float grad_input_tile_value(const Source& in, const ConvShape& s, int b, int c, int h0, int w0, int row,
+                                    int col) {
+  const int y = h0 - s.kh / 2 + row, x = w0 - s.kw / 2 + col;
   return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
 }
 
-// Lane `lane`'s share of tap t's sum over the tile (t == kh * kw: the bias, input 1).
-DECO_HD float weight_grad_lane_sum(const float* gy_tile, const float* in_tile, const ConvShape& s, int t, int lane) {
-  const bool is_bias = t == s.kh * s.kw;
-  const int i = is_bias ? 0 : t / s.kw, j = is_bias ? 0 : t % s.kw;
-  const int cols = grad_input_tile_cols(s.kw);
-  float sum = 0.0f;
-  for (int p = lane; p < kGradTileH * kGradTileW; p += kWarp) {
-    const float in = is_bias ? 1.0f : in_tile[(p / kGradTileW + i) * cols + p % kGradTileW + j];
-    sum = fmaf(gy_tile[p], in, sum);
+// Thread `thread`'s sums over its strips, written to sums[thread * kGradSlots + q]: slot q < chunk_width holds
+// tap (i, j0 + q) of its unit, slot kGradChunk sum(gy) (threads of unit 0, which between them see every strip).
+// `rows` x `cols` is the part of the tile inside the image. Threads beyond units x groups write nothing.
+DECO_HD void weight_grad_thread_sums(const float* gy_tile, const float* in_tile, const ConvShape& s,
+                                     const GradWork& work, int rows, int cols, int thread, float* sums) {
+  const int unit = thread / work.groups, group = thread % work.groups;
+  if (unit >= work.units) return;
+  const int i = unit / work.chunks, j0 = (unit % work.chunks) * work.chunk_width;
+  const int taps = s.kw - j0 < work.chunk_width ? s.kw - j0 : work.chunk_width;
+  const int pitch = grad_input_pitch(s.kw);
+  float acc[kGradChunk] = {};
+  float gy_sum = 0.0f;
+  for (int strip = group; strip < kGradStrips; strip += work.groups) {
+    const int row = strip / kGradStripsPerRow, col0 = (strip % kGradStripsPerRow) * kGradStrip;
+    if (row >= rows || col0 >= cols) continue;
+    const float* gy_row = gy_tile + row * kGradOutPitch + col0;
+    const float* in_row = in_tile + (row + i) * pitch + col0 + j0;
+    float g[kGradStrip], window[kGradStrip];
+    DECO_UNROLL
+    for (int k = 0; k < kGradStrip; ++k) {
+      g[k] = gy_row[k];
+      window[k] = in_row[k];
+    }
+    DECO_UNROLL
+    for (int q = 0; q < kGradChunk; ++q) {
+      if (q == taps) break;
+      if (q > 0) {
+        DECO_UNROLL
+        for (int k = 0; k + 1 < kGradStrip; ++k) window[k] = window[k + 1];
+        window[kGradStrip - 1] = in_row[kGradStrip - 1 + q];
+      }
+      DECO_UNROLL
+      for (int k = 0; k < kGradStrip; ++k) acc[q] = fmaf(g[k], window[k], acc[q]);
+    }
+    if (unit == 0) {
+      DECO_UNROLL
+      for (int k = 0; k < kGradStrip; ++k) gy_sum += g[k];
+    }
   }
-  return sum;
+  float* out = sums + thread * kGradSlots;
+  DECO_UNROLL
+  for (int q = 0; q < kGradChunk; ++q) out[q] = acc[q];
+  out[kGradChunk] = gy_sum;
+}
+
+// Tap t's partial over the tile (t == kh * kw: the bias): its unit's thread sums, added in group order.
+DECO_HD float weight_grad_tap_sum(const float* sums, const ConvShape& s, const GradWork& work, int t) {
+  int unit = 0, slot = kGradChunk;
+  if (t < s.kh * s.kw) {
+    const int i = t / s.kw, j = t % s.kw;
+    unit = i * work.chunks + j / work.chunk_width;
+    slot = j % work.chunk_width;
+  }
+  const float* p = sums + unit * work.groups * kGradSlots + slot;
+  float total = 0.0f;
+  for (int group = 0; group < work.groups; ++group) total += p[group * kGradSlots];
+  return total;
 }
 
 // Fixed-order sum of the per-tile partials of (channel c, tap t).
@@ -471,7 +554,7 @@ template <typename T, class Source, class Epilogue>
 struct ConvDirectOp {
   ConvShape s;
   Source in;
-  const float* weight;
+  const float* weight;  // tap-major, kh x kw x C: the consecutive channels of a warp read consecutive weights
   Epilogue epilogue;
   T* out;
   Layout out_layout;
@@ -489,7 +572,7 @@ struct ConvDirectOp {
     const int x0 = strip * kConvStripCL;
     const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x0 - s.kw / 2};
     float acc[kConvStripCL] = {};
-    conv_strip(reader, weight + static_cast<int64_t>(c) * s.kh * s.kw, s.kh, s.kw, acc);
+    conv_strip(reader, weight + c, s.channels, s.kh, s.kw, acc);
     conv_store_strip(epilogue, s, out_layout, out, b, c, y, x0, acc);
   }
 };
@@ -747,13 +830,15 @@ DECO_HD void layer_norm_tile_slot(int e, int pixels, int channels, bool channels
   }
 }
 
-// The depthwise 'same' conv output (+ bias) at one position: the strip pass of one output.
+// The depthwise 'same' conv output (+ bias) at one position: the strip pass of one output. `weight` is tap-major
+// (kh x kw x C), as in every conv + LayerNorm pass: their channels-last tiles give consecutive threads
+// consecutive channels.
 template <class Source>
 DECO_HD float conv_output_at(const Source& in, const float* weight, const float* bias, const ConvShape& s, int b,
                              int c, int y, int x) {
   const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
   float acc[1] = {};
-  conv_strip(reader, weight + static_cast<int64_t>(c) * s.kh * s.kw, s.kh, s.kw, acc);
+  conv_strip(reader, weight + c, s.channels, s.kh, s.kw, acc);
   return BiasEpilogue{bias}(b, c, y, x, acc[0]);
 }
 
@@ -771,7 +856,7 @@ DECO_HD void layer_norm_conv_strip(const Source& in, const float* weight, const 
     const int y = first / s.width, x = first % s.width;
     const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
     float acc[kLayerNormStrip] = {};
-    conv_strip(reader, weight + static_cast<int64_t>(c) * s.kh * s.kw, s.kh, s.kw, acc);
+    conv_strip(reader, weight + c, s.channels, s.kh, s.kw, acc);
     // Constant indices into acc once unrolled: a variable one would put it on the stack.
     DECO_UNROLL
     for (int k = 0; k < kLayerNormStrip; ++k)
@@ -827,7 +912,7 @@ struct ConvLayerNormForwardPass {
   LayerNormTiling tiling;
   bool channels_last;  // x's layout
   Source in;
-  const float* weight;  // C x kh x kw
+  const float* weight;  // tap-major, kh x kw x C
   const float* bias;    // C or nullptr
   const float* norm_weight;
   const float* norm_bias;

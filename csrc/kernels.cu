@@ -6,10 +6,13 @@
 // - NCHW conv: a 128-thread block stages a 16 x 64 output tile's input plus halo (fp32, zero-padded) and the
 //   channel's weights in shared memory; each thread keeps 8 outputs of a row in registers and slides a
 //   register window along the row, so one shared-memory load feeds 8 FMAs.
-// - Channels-last conv: consecutive threads take consecutive channels (coalesced loads of the NHWC rows),
-//   each computing 4 outputs of a row with the same register window, reading through L1.
-// - Weight/bias gradient: per (channel, 16 x 32 tile) partial sums of every tap from shared-memory tiles,
-//   reduced within a warp by xor shuffles, then a fixed-order sum over tiles: deterministic, no atomics.
+// - Channels-last conv: consecutive threads take consecutive channels (coalesced loads of the NHWC rows and
+//   of tap-major weights), each computing 8 outputs of a row with the same register window, reading through
+//   L1.
+// - Weight/bias gradient: per (channel, 32 x 32 tile) partial sums of every tap from shared-memory tiles;
+//   a thread owns a tap row (or a chunk of it) and strips of 8 pixels, sliding a register window of inputs
+//   along the row; the threads' sums are added in a fixed order per tile, then over tiles: deterministic,
+//   no atomics. Channels-last activations are read from NCHW copies (a block stages one channel).
 // - Pools and the query gradient: one thread per output element; backward passes are gathers.
 // - CIM back end (max pool of z + gamma * ffn, B x H x W x C): one thread per pooled element, c fastest so a
 //   warp reads consecutive channels; its gamma gradient sums grad_y * ffn[argmax] per (32-position split,
@@ -52,29 +55,37 @@ __global__ void __launch_bounds__(kConvThreads)
   conv_tile_thread(tile, channel_weight, s, epilogue, out, out_layout, b, c, h0, w0, threadIdx.x);
 }
 
+static_assert(kGradTileW == kWarp, "the weight-gradient staging gives each lane of a warp one column");
+
+// Four resident blocks per SM as the stated minimum (at most 64 registers): with no minimum ptxas held the
+// kernel to 40 registers and spilled the upsampled source's window state to the stack on sm_80.
+constexpr int kGradMinBlocks = 4;
+
 template <typename T, class Source>
-__global__ void __launch_bounds__(kGradThreads)
-    weight_grad_partials_kernel(const ConvShape s, const GradTiling tiling, const Source in,
+__global__ void __launch_bounds__(kGradThreads, kGradMinBlocks)
+    weight_grad_partials_kernel(const ConvShape s, const GradTiling tiling, const GradWork work, const Source in,
                                 const TensorSource<T> grad_out, float* __restrict__ partials) {
   extern __shared__ float shared[];
-  float* grad_tile = shared;
-  float* input_tile = shared + kGradTileH * kGradTileW;
+  const int in_rows = grad_input_rows(s.kh), in_cols = grad_input_cols(s.kw), pitch = grad_input_pitch(s.kw);
+  float* gy_tile = shared;
+  float* in_tile = gy_tile + kGradTileH * kGradOutPitch;
+  float* sums = in_tile + in_rows * pitch;
   const int c = blockIdx.x / tiling.tiles, tile = blockIdx.x % tiling.tiles;
   int b, h0, w0;
   grad_tile_origin(tiling, tile, b, h0, w0);
-  for (int e = threadIdx.x; e < kGradTileH * kGradTileW; e += kGradThreads)
-    grad_tile[e] = grad_out_tile_element(grad_out, s, b, c, h0, w0, e);
-  const int input_size = grad_input_tile_size(s);
-  for (int e = threadIdx.x; e < input_size; e += kGradThreads)
-    input_tile[e] = grad_input_tile_element(in, s, b, c, h0, w0, e);
-  __syncthreads();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int row = warp; row < kGradTileH; row += kGradThreads / kWarp)
+    gy_tile[row * kGradOutPitch + lane] = grad_out_tile_value(grad_out, s, b, c, h0, w0, row, lane);
+  for (int row = warp; row < in_rows; row += kGradThreads / kWarp)
+    for (int col = lane; col < in_cols; col += kWarp)
+      in_tile[row * pitch + col] = grad_input_tile_value(in, s, b, c, h0, w0, row, col);
+  __syncthreads();
+  weight_grad_thread_sums(gy_tile, in_tile, s, work, min(kGradTileH, s.height - h0), min(kGradTileW, s.width - w0),
+                          threadIdx.x, sums);
+  __syncthreads();
   const int taps_with_bias = s.kh * s.kw + 1;
-  for (int t = warp; t < taps_with_bias; t += kGradThreads / kWarp) {
-    float sum = weight_grad_lane_sum(grad_tile, input_tile, s, t, lane);
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) partials[(static_cast<int64_t>(c) * tiling.tiles + tile) * taps_with_bias + t] = sum;
-  }
+  float* block_partials = partials + static_cast<int64_t>(blockIdx.x) * taps_with_bias;
+  for (int t = threadIdx.x; t < taps_with_bias; t += kGradThreads) block_partials[t] = weight_grad_tap_sum(sums, s, work, t);
 }
 
 // depthwise_conv2d_layernorm (kernel_math.h): one block per tile of pixels x all channels, the tile's fp32
@@ -180,9 +191,9 @@ struct CudaBackend {
                                    float* partials) {
     const GradTiling tiling = make_grad_tiling(s);
     const int64_t blocks = static_cast<int64_t>(s.channels) * tiling.tiles;
-    const size_t shared_bytes = sizeof(float) * (kGradTileH * kGradTileW + grad_input_tile_size(s));  // <= 14 KB
+    const size_t shared_bytes = sizeof(float) * grad_shared_floats(s);  // <= 29 KB (31 x 31)
     weight_grad_partials_kernel<T><<<blocks, kGradThreads, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
-        s, tiling, in, grad_out, partials);
+        s, tiling, make_grad_work(s), in, grad_out, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

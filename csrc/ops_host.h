@@ -119,6 +119,10 @@ inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight) {
 
 inline at::Tensor fp32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// C x 1 x kh x kw fp32 weights as (kh * kw) x C, for the kernels whose consecutive threads take consecutive
+// channels (a warp's weight reads are then one line, not 32).
+inline at::Tensor tap_major(const at::Tensor& weight) { return weight.flatten(1).t().contiguous(); }
+
 template <class Backend>
 struct Ops {
   // One convolution pass over `s`: the channels-last path runs the element-wise direct kernel, NCHW the
@@ -129,14 +133,17 @@ struct Ops {
     if (out.numel() == 0) return;
     const Layout layout = layout_of(out, channels_last);
     if (channels_last) {
-      Backend::for_each(ConvDirectOp<T, Source, Epilogue>{s, in, weight.data_ptr<float>(), epilogue,
+      const at::Tensor taps = tap_major(weight);
+      Backend::for_each(ConvDirectOp<T, Source, Epilogue>{s, in, taps.data_ptr<float>(), epilogue,
                                                            out.data_ptr<T>(), layout});
     } else {
       Backend::template conv_tiled<T>(s, in, weight.data_ptr<float>(), epilogue, out.data_ptr<T>(), layout);
     }
   }
 
-  // grad weight (C x 1 x kh x kw) and grad bias (C), float32, summed over a batch of `in` and `grad_out`.
+  // grad weight (C x 1 x kh x kw) and grad bias (C), float32, summed over a batch of `in` and `grad_out`, both
+  // read as NCHW: a block stages one channel's tiles, and from channels-last memory each of a warp's reads
+  // would touch 32 lines (the callers pass NCHW copies of channels-last activations).
   template <typename T, class Source>
   static std::pair<at::Tensor, at::Tensor> weight_grad(const ConvShape& s, const Source& in,
                                                        const TensorSource<T>& grad_out, const at::Tensor& like) {
@@ -200,8 +207,9 @@ struct Ops {
                        grad_x);
       }
       if (output_mask[1] || output_mask[2]) {
+        const at::Tensor xn = xc.contiguous(), gyn = gyc.contiguous();
         std::tie(grad_weight, grad_bias) =
-            weight_grad<scalar_t>(s, source_of<scalar_t>(xc, cl), source_of<scalar_t>(gyc, cl), xc);
+            weight_grad<scalar_t>(s, source_of<scalar_t>(xn, false), source_of<scalar_t>(gyn, false), xc);
       }
     });
     return {grad_x, output_mask[1] ? grad_weight : at::Tensor(), output_mask[2] ? grad_bias : at::Tensor()};
@@ -277,7 +285,9 @@ struct Ops {
                                                   layout_of(qc, cl)});
       }
       if (output_mask[2] || output_mask[3]) {
-        std::tie(grad_weight, grad_bias) = weight_grad<scalar_t>(s, upsample_sum<scalar_t>(qc, mc, cl), gy, mc);
+        const at::Tensor qn = qc.contiguous(), mn = mc.contiguous(), gyn = gyc.contiguous();
+        std::tie(grad_weight, grad_bias) =
+            weight_grad<scalar_t>(s, upsample_sum<scalar_t>(qn, mn, false), source_of<scalar_t>(gyn, false), mc);
       }
     });
     return {grad_query, output_mask[1] ? grad_sum : at::Tensor(), output_mask[2] ? grad_weight : at::Tensor(),
@@ -490,7 +500,7 @@ struct ConvLayerNormOps {
     typename Backend::Guard guard(x.device());
     const bool cl = is_channels_last(x);
     const at::Tensor xc = in_format(x, cl);
-    const at::Tensor w = fp32_contiguous(weight);
+    const at::Tensor w = fp32_contiguous(weight), taps = tap_major(w);
     const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
     const at::Tensor nw = fp32_contiguous(norm_weight), nb = fp32_contiguous(norm_bias);
     at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, xc.options());
@@ -500,7 +510,7 @@ struct ConvLayerNormOps {
     const ConvShape s = conv_shape(xc, w);
     DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_forward", [&] {
       Backend::conv_layernorm_forward(ConvLayerNormForwardPass<scalar_t, TensorSource<scalar_t>>{
-          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), w.data_ptr<float>(), bias_data(b),
+          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), taps.data_ptr<float>(), bias_data(b),
           nw.data_ptr<float>(), nb.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<scalar_t>(),
           mean.data_ptr<float>(), rstd.data_ptr<float>()});
     });
@@ -546,9 +556,10 @@ struct ConvLayerNormOps {
       }
     }
     if (tiling.tiles > 0 && (need_grad_y || need_norm)) {
+      const at::Tensor taps = tap_major(w);
       DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_backward", [&] {
         Backend::conv_layernorm_backward(ConvLayerNormBackwardPass<scalar_t, TensorSource<scalar_t>>{
-            s, tiling, cl, source_of<scalar_t>(xc, cl), w.data_ptr<float>(), bias_data(b), nw.data_ptr<float>(),
+            s, tiling, cl, source_of<scalar_t>(xc, cl), taps.data_ptr<float>(), bias_data(b), nw.data_ptr<float>(),
             meanc.data_ptr<float>(), rstdc.data_ptr<float>(), goc.data_ptr<scalar_t>(),
             need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr, layout_of(xc, cl),
             need_norm ? partials.data_ptr<float>() : nullptr});

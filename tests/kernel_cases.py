@@ -32,7 +32,8 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LAYOUTS = ("contiguous", "channels_last", "strided")
 
 # (B, C, H, W, kh, kw): odd H and W, H or W of 1, maps smaller than the kernel, C not a multiple of any
-# block size, B of 1 and 3, kernels 1, 3, 7, 9, 13, 31 and rectangular.
+# block size, B of 1 and 3, kernels 1, 3, 7, 9, 13, 31 and rectangular, and maps spanning several tiles of
+# the CUDA kernels (16 x 64 conv, 32 x 32 weight gradient) with partial tiles on both axes.
 DEPTHWISE_CASES = [
     (1, 1, 5, 5, 1, 1),
     (3, 5, 7, 9, 3, 3),
@@ -45,6 +46,8 @@ DEPTHWISE_CASES = [
     (1, 5, 9, 8, 1, 5),
     (2, 24, 12, 20, 9, 9),
     (1, 3, 6, 5, 31, 31),
+    (1, 2, 37, 70, 9, 9),
+    (2, 2, 35, 33, 13, 11),
 ]
 
 # (B, C, H, W, kh, kw) of depthwise_conv2d_layernorm (the LayerNorm runs over C): C of 1 (the output is the
