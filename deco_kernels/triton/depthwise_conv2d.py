@@ -156,13 +156,13 @@ def _conv_forward_kernel(
 
     The conv input is x, or with UPSAMPLE query[src(h), src(w)] + memory[h, w] where x is the B x C x Hq x Wq
     query (never materialised). FLIP correlates with the kernel rotated by 180 degrees: the input gradient of
-    a 'same' odd convolution.
+    a 'same' odd convolution. w is tap-major (KH * KW x C): a channels-last tile's channels read one line per tap.
     """
     b, cs, hs, ws = _tile_ranges(n_c_blocks, n_h_blocks, n_w_blocks, BLOCK_C, BLOCK_H, BLOCK_W)
     c_ok = cs[:, None, None] < C
     x_channels = x_ptr + b * sx_b + cs[:, None, None] * sx_c
     m_channels = m_ptr + b * sm_b + cs[:, None, None] * sm_c
-    w_channels = w_ptr + cs * (KH * KW)
+    w_channels = w_ptr + cs
 
     acc = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=tl.float32)
     # Row pointers and masks are built once per kernel row; the inner loop only shifts columns.
@@ -175,9 +175,9 @@ def _conv_forward_kernel(
         else:
             x_rows = x_channels + hh[None, :, None] * sx_h
         if FLIP:
-            w_row = w_channels + (KH - 1 - i) * KW + (KW - 1)
+            w_row = w_channels + ((KH - 1 - i) * KW + (KW - 1)) * C
         else:
-            w_row = w_channels + i * KW
+            w_row = w_channels + i * KW * C
         for j in range(KW):
             ww = ws + (j - KW // 2)
             mask = row_ok & ((ww >= 0) & (ww < W))[None, None, :]
@@ -188,9 +188,9 @@ def _conv_forward_kernel(
             else:
                 value = tl.load(x_rows + ww[None, None, :] * sx_w, mask=mask, other=0.0).to(tl.float32)
             if FLIP:
-                weight = tl.load(w_row - j, mask=cs < C, other=0.0)
+                weight = tl.load(w_row - j * C, mask=cs < C, other=0.0)
             else:
-                weight = tl.load(w_row + j, mask=cs < C, other=0.0)
+                weight = tl.load(w_row + j * C, mask=cs < C, other=0.0)
             acc += value * weight[:, None, None]
 
     if HAS_BIAS:
@@ -309,6 +309,12 @@ def check_parameters(weight: torch.Tensor, bias: torch.Tensor | None, channels: 
     return _common.check_depthwise_weight(weight, channels, weight.device, op)
 
 
+def tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """C x 1 x kh x kw weights as (kh * kw) x C, the layout the conv kernels read (a tap's weights for
+    consecutive channels are consecutive)."""
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
+
+
 def launch_conv_forward(
     x: torch.Tensor,
     memory: torch.Tensor | None,
@@ -328,8 +334,9 @@ def launch_conv_forward(
     n_c, n_h, n_w = tile_grid(out.shape, tile)
     query_h, query_w = x.shape[-2:]
     m = x if memory is None else memory
+    taps = tap_major(weight)
     _conv_forward_kernel[(batch * n_c * n_h * n_w,)](
-        x, m, weight, weight if bias is None else bias, out,
+        x, m, taps, taps if bias is None else bias, out,
         channels, height, width, query_h, query_w,
         nearest_scale(query_h, height), nearest_scale(query_w, width),
         *x.stride(), *m.stride(), *out.stride(),

@@ -40,6 +40,7 @@ from deco_kernels.triton.depthwise_conv2d import (
     aot_signature,
     check_parameters,
     depthwise_conv2d_backward,
+    tap_major,
 )
 
 __all__ = [
@@ -120,17 +121,17 @@ def _pixel_block(
 @triton.jit
 def _conv_pixel_tile(
     x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok,
-    H, W, sx_b, sx_c, sx_p,
+    C, H, W, sx_b, sx_c, sx_p,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
 ):
     """The depthwise conv output (+ bias) in fp32 on the tile of :func:`_pixel_block`, exactly 0 at channels
-    >= C (their weights and bias load as 0)."""
+    >= C (their weights and bias load as 0). w is tap-major (KH * KW x C), so a tap's weights are one line."""
     # 32-bit offsets from the image's base pointer (one image fits 32-bit indexing): a 64-bit pointer per tile
     # element would double the registers the loop-invariant channel offsets hold.
     x_image = x_ptr + b * sx_b
     channel_offsets = cs * sx_c
-    w_channels = w_ptr + cs * (KH * KW)
+    w_channels = w_ptr + cs
     tile_shape: tl.constexpr = (BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P)
     acc = tl.zeros(tile_shape, dtype=tl.float32)
     for i in range(KH):
@@ -143,11 +144,11 @@ def _conv_pixel_tile(
             shifted = (ps + ((i - KH // 2) * W + (j - KW // 2))) * sx_p
             value = tl.load(x_image + (channel_offsets + shifted), mask=mask, other=0.0).to(tl.float32)
             if CHANNELS_LAST:
-                weight = tl.load(w_channels + (i * KW + j), mask=c_ok, other=0.0)
+                weight = tl.load(w_channels + (i * KW + j) * C, mask=c_ok, other=0.0)
             else:
                 # A BLOCK_C x 1 load gets a channel-major layout, and Triton would move the whole value tile
                 # into it at every tap; loaded at the tile's shape it shares the value's pixel-major layout.
-                weight = tl.load(tl.broadcast_to(w_channels + (i * KW + j), tile_shape),
+                weight = tl.load(tl.broadcast_to(w_channels + (i * KW + j) * C, tile_shape),
                                  mask=tl.broadcast_to(c_ok, tile_shape), other=0.0)
             acc += value * weight
     if HAS_BIAS:
@@ -168,7 +169,7 @@ def _conv_layernorm_forward_kernel(
     CHANNEL_AXIS: tl.constexpr = 1 if CHANNELS_LAST else 0
     b, ps, hs, ws, p_ok, cs, c_ok = _pixel_block(tl.program_id(0), n_p_blocks, H, W, C, BLOCK_P, BLOCK_C,
                                                  CHANNELS_LAST)
-    y = _conv_pixel_tile(x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok, H, W, sx_b, sx_c, sx_p,
+    y = _conv_pixel_tile(x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok, C, H, W, sx_b, sx_c, sx_p,
                          KH, KW, HAS_BIAS, BLOCK_P, BLOCK_C, CHANNELS_LAST)
     mean = tl.sum(y, axis=CHANNEL_AXIS, keep_dims=True) / C
     centred = tl.where(c_ok, y - mean, 0.0)
@@ -208,7 +209,7 @@ def _conv_layernorm_backward_kernel(
     first = program * blocks_per_program
     for block in range(first, tl.minimum(first + blocks_per_program, n_blocks)):
         b, ps, hs, ws, p_ok, cs, c_ok = _pixel_block(block, n_p_blocks, H, W, C, BLOCK_P, BLOCK_C, CHANNELS_LAST)
-        y = _conv_pixel_tile(x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok, H, W, sx_b, sx_c, sx_p,
+        y = _conv_pixel_tile(x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok, C, H, W, sx_b, sx_c, sx_p,
                              KH, KW, HAS_BIAS, BLOCK_P, BLOCK_C, CHANNELS_LAST)
         pixels = b * (H * W) + ps
         mean = tl.load(mean_ptr + pixels, mask=p_ok, other=0.0)
@@ -292,8 +293,9 @@ def depthwise_conv2d_layernorm_forward(
         return out, mean, rstd
     tile = pixel_tile(x)
     n_p_blocks = triton.cdiv(height * width, tile.block_p)
+    taps = tap_major(weight)
     _conv_layernorm_forward_kernel[(batch * n_p_blocks,)](
-        x, weight, weight if bias is None else bias, norm_weight, norm_bias, out, mean, rstd,
+        x, taps, taps if bias is None else bias, norm_weight, norm_bias, out, mean, rstd,
         channels, height, width, eps,
         x.stride(0), x.stride(1), pixel_stride,
         n_p_blocks,
@@ -352,8 +354,9 @@ def depthwise_conv2d_layernorm_backward(
                    if norm_grads_needed else mean)
         gy, gy_strides = (mean, (0, 0, 0)) if grad_y is None else (
             grad_y, (grad_y.stride(0), grad_y.stride(1), _pixel_stride(grad_y, op)))
+        taps = tap_major(weight)
         _conv_layernorm_backward_kernel[(n_programs,)](
-            grad_out, x, weight, weight if bias is None else bias, norm_weight, mean, rstd, gy, partial,
+            grad_out, x, taps, taps if bias is None else bias, norm_weight, mean, rstd, gy, partial,
             channels, height, width,
             x.stride(0), x.stride(1), pixel_stride,
             *grad_out.stride(),
