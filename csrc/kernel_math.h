@@ -135,24 +135,31 @@ DECO_HD float conv_tile_element(const Source& in, const ConvShape& s, int b, int
 }
 
 // acc[k] += sum_{i < kh, j < kw} weight[(i * kw + j) * tap_stride] * in(i, k + j) for k < N. `in(i, col)` reads
-// the zero-padded input at tap row i and column col relative to the strip's first window. Each tap row keeps
-// a sliding window of N inputs in registers, so a row costs N + kw - 1 reads instead of N * kw. tap_stride is 1
-// for one channel's kh x kw weights, C for tap-major (kh x kw x C) weights.
+// the zero-padded input at tap row i and column col relative to the strip's first window; a strip reads columns
+// 0 .. N + kw - 2 of each tap row, each once. The inputs stay in registers: a window of 2N columns serves N taps
+// with constant register indices and then moves its upper half down (N moves per N taps, where a window shifted
+// at every tap costs N - 1 moves per tap). tap_stride is 1 for one channel's kh x kw weights, C for tap-major
+// (kh x kw x C) weights.
 template <int N, class Reader>
 DECO_HD void conv_strip(const Reader& in, const float* weight, int tap_stride, int kh, int kw, float (&acc)[N]) {
+  const int last_col = N + kw - 2;
   for (int i = 0; i < kh; ++i) {
-    float window[N];
+    const float* row_weights = weight + i * kw * tap_stride;
+    float window[2 * N];
     DECO_UNROLL
     for (int k = 0; k < N; ++k) window[k] = in(i, k);
-    for (int j = 0; j < kw; ++j) {
-      if (j > 0) {
-        DECO_UNROLL
-        for (int k = 0; k + 1 < N; ++k) window[k] = window[k + 1];
-        window[N - 1] = in(i, N - 1 + j);
-      }
-      const float tap = weight[(i * kw + j) * tap_stride];
+    for (int j0 = 0; j0 < kw; j0 += N) {
       DECO_UNROLL
-      for (int k = 0; k < N; ++k) acc[k] = fmaf(tap, window[k], acc[k]);
+      for (int k = 0; k < N; ++k) window[N + k] = j0 + N + k <= last_col ? in(i, j0 + N + k) : 0.0f;
+      DECO_UNROLL
+      for (int q = 0; q < N; ++q) {
+        if (j0 + q == kw) break;
+        const float tap = row_weights[(j0 + q) * tap_stride];
+        DECO_UNROLL
+        for (int k = 0; k < N; ++k) acc[k] = fmaf(tap, window[k + q], acc[k]);
+      }
+      DECO_UNROLL
+      for (int k = 0; k < N; ++k) window[k] = window[N + k];
     }
   }
 }
