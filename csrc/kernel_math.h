@@ -837,15 +837,23 @@ DECO_HD void layer_norm_tile_slot(int e, int pixels, int channels, bool channels
   }
 }
 
-// The depthwise 'same' conv output (+ bias) at one position: the strip pass of one output. `weight` is tap-major
-// (kh x kw x C), as in every conv + LayerNorm pass: their channels-last tiles give consecutive threads
-// consecutive channels.
+// Per-channel conv weights, fp32, channel-major (C x kh x kw: channel_stride kh * kw, tap_stride 1) or tap-major
+// (kh x kw x C: 1, C). The conv + LayerNorm passes read them tap-major where consecutive threads take
+// consecutive channels (channels-last tiles: a warp's read is then one line, not 32) and channel-major where a
+// warp shares one channel (NCHW tiles: a broadcast either way, and no transposed copy to make).
+struct ConvWeights {
+  const float* data;
+  int channel_stride, tap_stride;
+  DECO_HD const float* channel(int c) const { return data + static_cast<int64_t>(c) * channel_stride; }
+};
+
+// The depthwise 'same' conv output (+ bias) at one position: the strip pass of one output.
 template <class Source>
-DECO_HD float conv_output_at(const Source& in, const float* weight, const float* bias, const ConvShape& s, int b,
-                             int c, int y, int x) {
+DECO_HD float conv_output_at(const Source& in, const ConvWeights& weight, const float* bias, const ConvShape& s,
+                             int b, int c, int y, int x) {
   const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
   float acc[1] = {};
-  conv_strip(reader, weight + c, s.channels, s.kh, s.kw, acc);
+  conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
   return BiasEpilogue{bias}(b, c, y, x, acc[0]);
 }
 
@@ -854,7 +862,7 @@ DECO_HD float conv_output_at(const Source& in, const float* weight, const float*
 // store(p, 0). Slots in one image row share conv_strip's register window; the sums are those of
 // conv_output_at (same taps, same order), so either way gives bitwise the same value.
 template <class Source, class Store>
-DECO_HD void layer_norm_conv_strip(const Source& in, const float* weight, const float* bias, const ConvShape& s,
+DECO_HD void layer_norm_conv_strip(const Source& in, const ConvWeights& weight, const float* bias, const ConvShape& s,
                                    const LayerNormTiling& tiling, int tile, int c, int p0, const Store& store) {
   const int end = tiling.strip_end(p0);
   const int b = tiling.image(tile);
@@ -863,7 +871,7 @@ DECO_HD void layer_norm_conv_strip(const Source& in, const float* weight, const 
     const int y = first / s.width, x = first % s.width;
     const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
     float acc[kLayerNormStrip] = {};
-    conv_strip(reader, weight + c, s.channels, s.kh, s.kw, acc);
+    conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
     // Constant indices into acc once unrolled: a variable one would put it on the stack.
     DECO_UNROLL
     for (int k = 0; k < kLayerNormStrip; ++k)
@@ -919,7 +927,7 @@ struct ConvLayerNormForwardPass {
   LayerNormTiling tiling;
   bool channels_last;  // x's layout
   Source in;
-  const float* weight;  // tap-major, kh x kw x C
+  ConvWeights weight;
   const float* bias;    // C or nullptr
   const float* norm_weight;
   const float* norm_bias;
@@ -971,7 +979,7 @@ struct ConvLayerNormBackwardPass {
   LayerNormTiling tiling;
   bool channels_last;
   Source in;
-  const float* weight;
+  ConvWeights weight;
   const float* bias;
   const float* norm_weight;
   const float* mean;  // B x H x W, saved by the forward

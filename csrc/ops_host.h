@@ -484,6 +484,17 @@ struct ConvLayerNormOps {
 
   static const float* bias_data(const at::Tensor& b) { return b.defined() ? b.data_ptr<float>() : nullptr; }
 
+  // The fp32 C x 1 x kh x kw weights in the layout the passes read (ConvWeights): tap-major for channels-last x.
+  static at::Tensor layer_norm_conv_layout(const at::Tensor& w, bool channels_last) {
+    return channels_last ? tap_major(w) : w;
+  }
+
+  // The passes' view of `laid_out`, layer_norm_conv_layout's result.
+  static ConvWeights conv_weights(const at::Tensor& laid_out, bool channels_last, const ConvShape& s) {
+    return channels_last ? ConvWeights{laid_out.data_ptr<float>(), 1, s.channels}
+                         : ConvWeights{laid_out.data_ptr<float>(), s.kh * s.kw, 1};
+  }
+
   static LayerNormTiling tiling_of(const ConvShape& s) {
     const LayerNormTiling tiling = make_layer_norm_tiling(s);
     TORCH_CHECK(tiling.tiles <= INT_MAX, "deco_kernels: ", tiling.tiles, " tiles of ", tiling.pixels,
@@ -500,7 +511,7 @@ struct ConvLayerNormOps {
     typename Backend::Guard guard(x.device());
     const bool cl = is_channels_last(x);
     const at::Tensor xc = in_format(x, cl);
-    const at::Tensor w = fp32_contiguous(weight), taps = tap_major(w);
+    const at::Tensor w = fp32_contiguous(weight), wl = layer_norm_conv_layout(w, cl);
     const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
     const at::Tensor nw = fp32_contiguous(norm_weight), nb = fp32_contiguous(norm_bias);
     at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, xc.options());
@@ -510,7 +521,7 @@ struct ConvLayerNormOps {
     const ConvShape s = conv_shape(xc, w);
     DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_forward", [&] {
       Backend::conv_layernorm_forward(ConvLayerNormForwardPass<scalar_t, TensorSource<scalar_t>>{
-          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), taps.data_ptr<float>(), bias_data(b),
+          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), conv_weights(wl, cl, s), bias_data(b),
           nw.data_ptr<float>(), nb.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<scalar_t>(),
           mean.data_ptr<float>(), rstd.data_ptr<float>()});
     });
@@ -556,10 +567,10 @@ struct ConvLayerNormOps {
       }
     }
     if (tiling.tiles > 0 && (need_grad_y || need_norm)) {
-      const at::Tensor taps = tap_major(w);
+      const at::Tensor wl = layer_norm_conv_layout(w, cl);
       DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_backward", [&] {
         Backend::conv_layernorm_backward(ConvLayerNormBackwardPass<scalar_t, TensorSource<scalar_t>>{
-            s, tiling, cl, source_of<scalar_t>(xc, cl), taps.data_ptr<float>(), bias_data(b), nw.data_ptr<float>(),
+            s, tiling, cl, source_of<scalar_t>(xc, cl), conv_weights(wl, cl, s), bias_data(b), nw.data_ptr<float>(),
             meanc.data_ptr<float>(), rstdc.data_ptr<float>(), goc.data_ptr<scalar_t>(),
             need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr, layout_of(xc, cl),
             need_norm ? partials.data_ptr<float>() : nullptr});

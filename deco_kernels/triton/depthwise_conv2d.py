@@ -147,6 +147,7 @@ def _conv_forward_kernel(
     sx_b, sx_c, sx_h, sx_w,
     sm_b, sm_c, sm_h, sm_w,
     sy_b, sy_c, sy_h, sy_w,
+    sw_c, sw_t,
     n_c_blocks, n_h_blocks, n_w_blocks,
     KH: tl.constexpr, KW: tl.constexpr,
     FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, UPSAMPLE: tl.constexpr,
@@ -156,13 +157,13 @@ def _conv_forward_kernel(
 
     The conv input is x, or with UPSAMPLE query[src(h), src(w)] + memory[h, w] where x is the B x C x Hq x Wq
     query (never materialised). FLIP correlates with the kernel rotated by 180 degrees: the input gradient of
-    a 'same' odd convolution. w is tap-major (KH * KW x C): a channels-last tile's channels read one line per tap.
+    a 'same' odd convolution. Tap t of channel c's weights is at w + c * sw_c + t * sw_t (see launch_conv_forward).
     """
     b, cs, hs, ws = _tile_ranges(n_c_blocks, n_h_blocks, n_w_blocks, BLOCK_C, BLOCK_H, BLOCK_W)
     c_ok = cs[:, None, None] < C
     x_channels = x_ptr + b * sx_b + cs[:, None, None] * sx_c
     m_channels = m_ptr + b * sm_b + cs[:, None, None] * sm_c
-    w_channels = w_ptr + cs
+    w_channels = w_ptr + cs * sw_c
 
     acc = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), dtype=tl.float32)
     # Row pointers and masks are built once per kernel row; the inner loop only shifts columns.
@@ -175,9 +176,9 @@ def _conv_forward_kernel(
         else:
             x_rows = x_channels + hh[None, :, None] * sx_h
         if FLIP:
-            w_row = w_channels + ((KH - 1 - i) * KW + (KW - 1)) * C
+            w_row = w_channels + ((KH - 1 - i) * KW + (KW - 1)) * sw_t
         else:
-            w_row = w_channels + i * KW * C
+            w_row = w_channels + i * KW * sw_t
         for j in range(KW):
             ww = ws + (j - KW // 2)
             mask = row_ok & ((ww >= 0) & (ww < W))[None, None, :]
@@ -188,9 +189,9 @@ def _conv_forward_kernel(
             else:
                 value = tl.load(x_rows + ww[None, None, :] * sx_w, mask=mask, other=0.0).to(tl.float32)
             if FLIP:
-                weight = tl.load(w_row - j * C, mask=cs < C, other=0.0)
+                weight = tl.load(w_row - j * sw_t, mask=cs < C, other=0.0)
             else:
-                weight = tl.load(w_row + j * C, mask=cs < C, other=0.0)
+                weight = tl.load(w_row + j * sw_t, mask=cs < C, other=0.0)
             acc += value * weight[:, None, None]
 
     if HAS_BIAS:
@@ -334,12 +335,14 @@ def launch_conv_forward(
     n_c, n_h, n_w = tile_grid(out.shape, tile)
     query_h, query_w = x.shape[-2:]
     m = x if memory is None else memory
-    taps = tap_major(weight)
+    # A tile of several channels reads each tap's weights for all of them: tap-major, that is one line.
+    weights, weight_strides = (tap_major(weight), (1, channels)) if tile.block_c > 1 else (weight, (kh * kw, 1))
     _conv_forward_kernel[(batch * n_c * n_h * n_w,)](
-        x, m, taps, taps if bias is None else bias, out,
+        x, m, weights, weights if bias is None else bias, out,
         channels, height, width, query_h, query_w,
         nearest_scale(query_h, height), nearest_scale(query_w, width),
         *x.stride(), *m.stride(), *out.stride(),
+        *weight_strides,
         n_c, n_h, n_w,
         KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, UPSAMPLE=memory is not None,
         BLOCK_C=tile.block_c, BLOCK_H=tile.block_h, BLOCK_W=tile.block_w, num_warps=tile.num_warps,

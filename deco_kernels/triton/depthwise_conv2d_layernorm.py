@@ -126,12 +126,18 @@ def _conv_pixel_tile(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
 ):
     """The depthwise conv output (+ bias) in fp32 on the tile of :func:`_pixel_block`, exactly 0 at channels
-    >= C (their weights and bias load as 0). w is tap-major (KH * KW x C), so a tap's weights are one line."""
+    >= C (their weights and bias load as 0). w is tap-major (KH * KW x C) for channels-last tiles, so that a
+    tap's weights are one line, and C x KH x KW for NCHW tiles (one channel per pixel column: a broadcast)."""
     # 32-bit offsets from the image's base pointer (one image fits 32-bit indexing): a 64-bit pointer per tile
     # element would double the registers the loop-invariant channel offsets hold.
     x_image = x_ptr + b * sx_b
     channel_offsets = cs * sx_c
-    w_channels = w_ptr + cs
+    if CHANNELS_LAST:
+        w_channels = w_ptr + cs
+        tap_stride = C
+    else:
+        w_channels = w_ptr + cs * (KH * KW)
+        tap_stride = 1
     tile_shape: tl.constexpr = (BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P)
     acc = tl.zeros(tile_shape, dtype=tl.float32)
     for i in range(KH):
@@ -144,11 +150,11 @@ def _conv_pixel_tile(
             shifted = (ps + ((i - KH // 2) * W + (j - KW // 2))) * sx_p
             value = tl.load(x_image + (channel_offsets + shifted), mask=mask, other=0.0).to(tl.float32)
             if CHANNELS_LAST:
-                weight = tl.load(w_channels + (i * KW + j) * C, mask=c_ok, other=0.0)
+                weight = tl.load(w_channels + (i * KW + j) * tap_stride, mask=c_ok, other=0.0)
             else:
                 # A BLOCK_C x 1 load gets a channel-major layout, and Triton would move the whole value tile
                 # into it at every tap; loaded at the tile's shape it shares the value's pixel-major layout.
-                weight = tl.load(tl.broadcast_to(w_channels + (i * KW + j) * C, tile_shape),
+                weight = tl.load(tl.broadcast_to(w_channels + (i * KW + j) * tap_stride, tile_shape),
                                  mask=tl.broadcast_to(c_ok, tile_shape), other=0.0)
             acc += value * weight
     if HAS_BIAS:
@@ -293,7 +299,7 @@ def depthwise_conv2d_layernorm_forward(
         return out, mean, rstd
     tile = pixel_tile(x)
     n_p_blocks = triton.cdiv(height * width, tile.block_p)
-    taps = tap_major(weight)
+    taps = tap_major(weight) if _channels_last(x) else weight
     _conv_layernorm_forward_kernel[(batch * n_p_blocks,)](
         x, taps, taps if bias is None else bias, norm_weight, norm_bias, out, mean, rstd,
         channels, height, width, eps,
@@ -354,7 +360,7 @@ def depthwise_conv2d_layernorm_backward(
                    if norm_grads_needed else mean)
         gy, gy_strides = (mean, (0, 0, 0)) if grad_y is None else (
             grad_y, (grad_y.stride(0), grad_y.stride(1), _pixel_stride(grad_y, op)))
-        taps = tap_major(weight)
+        taps = tap_major(weight) if _channels_last(x) else weight
         _conv_layernorm_backward_kernel[(n_programs,)](
             grad_out, x, taps, taps if bias is None else bias, norm_weight, mean, rstd, gy, partial,
             channels, height, width,
