@@ -140,6 +140,13 @@ DECO_HD float conv_tile_element(const Source& in, const ConvShape& s, int b, int
 // with constant register indices and then moves its upper half down (N moves per N taps, where a window shifted
 // at every tap costs N - 1 moves per tap). tap_stride is 1 for one channel's kh x kw weights, C for tap-major
 // (kh x kw x C) weights.
+// acc[k] += tap * window[k + q] for k < N: one tap of a strip (q constant once unrolled).
+template <int N>
+DECO_HD void conv_strip_tap(float tap, const float (&window)[2 * N], int q, float (&acc)[N]) {
+  DECO_UNROLL
+  for (int k = 0; k < N; ++k) acc[k] = fmaf(tap, window[k + q], acc[k]);
+}
+
 template <int N, class Reader>
 DECO_HD void conv_strip(const Reader& in, const float* weight, int tap_stride, int kh, int kw, float (&acc)[N]) {
   const int last_col = N + kw - 2;
@@ -149,14 +156,24 @@ DECO_HD void conv_strip(const Reader& in, const float* weight, int tap_stride, i
     DECO_UNROLL
     for (int k = 0; k < N; ++k) window[k] = in(i, k);
     for (int j0 = 0; j0 < kw; j0 += N) {
-      DECO_UNROLL
-      for (int k = 0; k < N; ++k) window[N + k] = j0 + N + k <= last_col ? in(i, j0 + N + k) : 0.0f;
-      DECO_UNROLL
-      for (int q = 0; q < N; ++q) {
-        if (j0 + q == kw) break;
-        const float tap = row_weights[(j0 + q) * tap_stride];
+      // Upper half: columns j0 + N .. j0 + 2N - 1; those past last_col are never multiplied by a tap (0).
+      if (j0 + 2 * N - 1 <= last_col) {
         DECO_UNROLL
-        for (int k = 0; k < N; ++k) acc[k] = fmaf(tap, window[k + q], acc[k]);
+        for (int k = 0; k < N; ++k) window[N + k] = in(i, j0 + N + k);
+      } else {
+        DECO_UNROLL
+        for (int k = 0; k < N; ++k) window[N + k] = j0 + N + k <= last_col ? in(i, j0 + N + k) : 0.0f;
+      }
+      // Whole blocks of N taps run without a per-tap bound check; only the last, partial one checks.
+      if (j0 + N <= kw) {
+        DECO_UNROLL
+        for (int q = 0; q < N; ++q) conv_strip_tap<N>(row_weights[(j0 + q) * tap_stride], window, q, acc);
+      } else {
+        DECO_UNROLL
+        for (int q = 0; q < N; ++q) {
+          if (j0 + q == kw) break;
+          conv_strip_tap<N>(row_weights[(j0 + q) * tap_stride], window, q, acc);
+        }
       }
       DECO_UNROLL
       for (int k = 0; k < N; ++k) window[k] = window[N + k];

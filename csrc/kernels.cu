@@ -89,7 +89,8 @@ __global__ void __launch_bounds__(kGradThreads, kGradMinBlocks)
   __syncthreads();
   const int taps_with_bias = s.kh * s.kw + 1;
   float* block_partials = partials + static_cast<int64_t>(blockIdx.x) * taps_with_bias;
-  for (int t = threadIdx.x; t < taps_with_bias; t += kGradThreads) block_partials[t] = weight_grad_tap_sum(sums, s, work, t);
+  for (int t = threadIdx.x; t < taps_with_bias; t += kGradThreads)
+    block_partials[t] = weight_grad_tap_sum(sums, s, work, t);
 }
 
 // depthwise_conv2d_layernorm (kernel_math.h): one block per tile of pixels x all channels, the tile's fp32
