@@ -279,7 +279,7 @@ DECO_HD void conv_tile_thread(const float* tile, const float* weight, const Conv
 // of grad y and the input tile with its halo in shared memory. The taps are split into units (tap row i, a
 // chunk of at most kGradChunk consecutive tap columns); `groups` threads share a unit, each taking every
 // groups-th strip of kGradStrip pixels of a row (strips wholly outside the image are skipped). A thread keeps
-// its strip's grad y in registers and slides a window of inputs along the input row, so a strip costs
+// its strip's grad y and the kGradStrip + taps - 1 inputs its taps meet in registers, so a strip costs
 // kGradStrip + kGradStrip + taps - 1 shared reads for kGradStrip * taps FMAs (about a third of a read per FMA,
 // where one thread per pixel and tap would read two). The threads' sums go to shared memory and each tap's
 // partial over the tile is their fixed-order sum; a second pass adds the partials over tiles in a fixed order:
@@ -357,6 +357,16 @@ DECO_HD float grad_input_tile_value(const Source& in, const ConvShape& s, int b,
   return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
 }
 
+// The inputs one strip reads for a chunk of taps, and one tap's products over the strip added to `sum`
+// (q constant once unrolled: window and acc stay in registers).
+constexpr int kGradWindow = kGradStrip + kGradChunk - 1;
+
+DECO_HD void weight_grad_strip_tap(const float (&g)[kGradStrip], const float (&window)[kGradWindow], int q,
+                                   float& sum) {
+  DECO_UNROLL
+  for (int k = 0; k < kGradStrip; ++k) sum = fmaf(g[k], window[k + q], sum);
+}
+
 // Thread `thread`'s sums over its strips, written to sums[thread * kGradSlots + q]: slot q < chunk_width holds
 // tap (i, j0 + q) of its unit, slot kGradChunk sum(gy) (threads of unit 0, which between them see every strip).
 // `rows` x `cols` is the part of the tile inside the image. Threads beyond units x groups write nothing.
@@ -374,22 +384,23 @@ DECO_HD void weight_grad_thread_sums(const float* gy_tile, const float* in_tile,
     if (row >= rows || col0 >= cols) continue;
     const float* gy_row = gy_tile + row * kGradOutPitch + col0;
     const float* in_row = in_tile + (row + i) * pitch + col0 + j0;
-    float g[kGradStrip], window[kGradStrip];
+    float g[kGradStrip], window[kGradWindow];
     DECO_UNROLL
-    for (int k = 0; k < kGradStrip; ++k) {
-      g[k] = gy_row[k];
-      window[k] = in_row[k];
-    }
-    DECO_UNROLL
-    for (int q = 0; q < kGradChunk; ++q) {
-      if (q == taps) break;
-      if (q > 0) {
-        DECO_UNROLL
-        for (int k = 0; k + 1 < kGradStrip; ++k) window[k] = window[k + 1];
-        window[kGradStrip - 1] = in_row[kGradStrip - 1 + q];
-      }
+    for (int k = 0; k < kGradStrip; ++k) g[k] = gy_row[k];
+    // A whole chunk (every 9-wide kernel) runs without per-tap bound checks; a shorter one checks.
+    if (taps == kGradChunk) {
       DECO_UNROLL
-      for (int k = 0; k < kGradStrip; ++k) acc[q] = fmaf(g[k], window[k], acc[q]);
+      for (int k = 0; k < kGradWindow; ++k) window[k] = in_row[k];
+      DECO_UNROLL
+      for (int q = 0; q < kGradChunk; ++q) weight_grad_strip_tap(g, window, q, acc[q]);
+    } else {
+      DECO_UNROLL
+      for (int k = 0; k < kGradWindow; ++k) window[k] = k < kGradStrip - 1 + taps ? in_row[k] : 0.0f;
+      DECO_UNROLL
+      for (int q = 0; q < kGradChunk; ++q) {
+        if (q == taps) break;
+        weight_grad_strip_tap(g, window, q, acc[q]);
+      }
     }
     if (unit == 0) {
       DECO_UNROLL
