@@ -10,6 +10,7 @@ Outputs of the launchers go through :func:`empty_output` so that tests can fill 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Iterator, Sequence
 
@@ -198,10 +199,13 @@ def parameter_as_fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
+@functools.cache
 def primitives(backend: str, op_module: str):
     """The module with a backend's primitives: ``deco_kernels.triton.<op_module>`` or ``deco_kernels._cuda``.
 
-    Both provide the same function names and signatures (the primitive contract).
+    Both provide the same function names and signatures (the primitive contract). Imported on first use
+    (Triton need not be installed for the other backends) and cached: every op call looks it up, and an import
+    lookup costs microseconds.
     """
     if backend == "triton":
         return importlib.import_module(f"deco_kernels.triton.{op_module}")
