@@ -311,8 +311,8 @@ def check_parameters(weight: torch.Tensor, bias: torch.Tensor | None, channels: 
 
 
 def tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """C x 1 x kh x kw weights as (kh * kw) x C, the layout the conv kernels read (a tap's weights for
-    consecutive channels are consecutive)."""
+    """C x 1 x kh x kw weights as (kh * kw) x C: a tap's weights for consecutive channels are consecutive, the
+    layout for tiles whose lanes span channels (channels-last tiles here and in the conv + LayerNorm kernels)."""
     return weight.reshape(weight.shape[0], -1).t().contiguous()
 
 
