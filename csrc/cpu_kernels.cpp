@@ -33,17 +33,18 @@ struct CpuBackend {
   }
 
   template <typename T, class Source, class Epilogue>
-  static void conv_tiled(const ConvShape& s, const Source& in, const float* weight, const Epilogue& epilogue, T* out,
-                         const Layout& out_layout) {
+  static void conv_tiled(const ConvShape& s, const Source& in, const ConvWeights& weight, const Epilogue& epilogue,
+                         T* out, const Layout& out_layout) {
     const ConvTiling tiling = make_conv_tiling(s);
-    std::vector<float> tile(conv_tile_size(s));
+    std::vector<float> tile(conv_tile_size(s)), channel_weight(s.kh * s.kw);
     for (int64_t block = 0; block < tiling.blocks; ++block) {
       int b, c, h0, w0;
       conv_tile_origin(s, tiling, block, b, c, h0, w0);
       for (int e = 0; e < conv_tile_size(s); ++e) tile[e] = conv_tile_element(in, s, b, c, h0, w0, e);
-      const float* channel_weight = weight + static_cast<int64_t>(c) * s.kh * s.kw;
+      const float* weights_of_c = weight.channel(c);
+      for (int t = 0; t < s.kh * s.kw; ++t) channel_weight[t] = weights_of_c[t * weight.tap_stride];
       for (int thread = 0; thread < kConvThreads; ++thread)
-        conv_tile_thread(tile.data(), channel_weight, s, epilogue, out, out_layout, b, c, h0, w0, thread);
+        conv_tile_thread(tile.data(), channel_weight.data(), s, epilogue, out, out_layout, b, c, h0, w0, thread);
     }
   }
 

@@ -110,6 +110,17 @@ struct ConvShape {
   int batch, channels, height, width, kh, kw;
 };
 
+// Per-channel conv weights, fp32: tap t of channel c is channel(c)[t * tap_stride]. Channel-major (C x kh x kw:
+// channel_stride kh * kw, tap_stride 1) where a warp shares one channel (a broadcast read), tap-major (kh x kw x C:
+// 1, C) where consecutive threads take consecutive channels (a warp's read is then one line, not 32). A negative
+// tap_stride from the last tap reads the kernel rotated by 180 degrees (the grad input's conv): for row-major
+// kh x kw taps that is the flat tap order reversed, so no flipped copy is made.
+struct ConvWeights {
+  const float* data;
+  int channel_stride, tap_stride;
+  DECO_HD const float* channel(int c) const { return data + static_cast<int64_t>(c) * channel_stride; }
+};
+
 // NCHW: one block computes a kConvTileH x kConvTileW output tile of one plane from a shared-memory tile of
 // the input with its halo; each thread computes kConvStrip consecutive outputs of one row in registers.
 constexpr int kConvTileH = 16;
@@ -589,7 +600,7 @@ template <typename T, class Source, class Epilogue>
 struct ConvDirectOp {
   ConvShape s;
   Source in;
-  const float* weight;  // tap-major, kh x kw x C: the consecutive channels of a warp read consecutive weights
+  ConvWeights weight;  // tap-major: the consecutive channels of a warp read consecutive weights
   Epilogue epilogue;
   T* out;
   Layout out_layout;
@@ -607,7 +618,7 @@ struct ConvDirectOp {
     const int x0 = strip * kConvStripCL;
     const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x0 - s.kw / 2};
     float acc[kConvStripCL] = {};
-    conv_strip(reader, weight + c, s.channels, s.kh, s.kw, acc);
+    conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
     conv_store_strip(epilogue, s, out_layout, out, b, c, y, x0, acc);
   }
 };
@@ -864,16 +875,6 @@ DECO_HD void layer_norm_tile_slot(int e, int pixels, int channels, bool channels
     p = e % pixels;
   }
 }
-
-// Per-channel conv weights, fp32, channel-major (C x kh x kw: channel_stride kh * kw, tap_stride 1) or tap-major
-// (kh x kw x C: 1, C). The conv + LayerNorm passes read them tap-major where consecutive threads take
-// consecutive channels (channels-last tiles: a warp's read is then one line, not 32) and channel-major where a
-// warp shares one channel (NCHW tiles: a broadcast either way, and no transposed copy to make).
-struct ConvWeights {
-  const float* data;
-  int channel_stride, tap_stride;
-  DECO_HD const float* channel(int c) const { return data + static_cast<int64_t>(c) * channel_stride; }
-};
 
 // The depthwise 'same' conv output (+ bias) at one position: the strip pass of one output.
 template <class Source>

@@ -44,7 +44,7 @@ constexpr int kConvMinBlocks = 8;
 
 template <typename T, class Source, class Epilogue>
 __global__ void __launch_bounds__(kConvThreads, kConvMinBlocks)
-    conv_tiled_kernel(const ConvShape s, const ConvTiling tiling, const Source in, const float* __restrict__ weight,
+    conv_tiled_kernel(const ConvShape s, const ConvTiling tiling, const Source in, const ConvWeights weight,
                       const Epilogue epilogue, T* __restrict__ out, const Layout out_layout) {
   extern __shared__ float shared[];
   const int taps = s.kh * s.kw;
@@ -52,7 +52,8 @@ __global__ void __launch_bounds__(kConvThreads, kConvMinBlocks)
   float* tile = shared + taps;
   int b, c, h0, w0;
   conv_tile_origin(s, tiling, blockIdx.x, b, c, h0, w0);
-  for (int t = threadIdx.x; t < taps; t += kConvThreads) channel_weight[t] = weight[static_cast<int64_t>(c) * taps + t];
+  const float* weights_of_c = weight.channel(c);
+  for (int t = threadIdx.x; t < taps; t += kConvThreads) channel_weight[t] = weights_of_c[t * weight.tap_stride];
   const int tile_size = conv_tile_size(s);
   for (int e = threadIdx.x; e < tile_size; e += kConvThreads) tile[e] = conv_tile_element(in, s, b, c, h0, w0, e);
   __syncthreads();
@@ -181,8 +182,8 @@ struct CudaBackend {
   }
 
   template <typename T, class Source, class Epilogue>
-  static void conv_tiled(const ConvShape& s, const Source& in, const float* weight, const Epilogue& epilogue, T* out,
-                         const Layout& out_layout) {
+  static void conv_tiled(const ConvShape& s, const Source& in, const ConvWeights& weight, const Epilogue& epilogue,
+                         T* out, const Layout& out_layout) {
     const ConvTiling tiling = make_conv_tiling(s);
     TORCH_CHECK(tiling.blocks <= INT_MAX, "deco_kernels: ", tiling.blocks, " conv tiles exceed one CUDA grid");
     const size_t shared_bytes = sizeof(float) * (s.kh * s.kw + conv_tile_size(s));  // at most 20 KB for 31 x 31

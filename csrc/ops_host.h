@@ -3,7 +3,7 @@
 // cpu_kernels.cpp) only says how a pass runs over its grid:
 //   Backend::Guard                      device guard constructed from the inputs' device
 //   Backend::for_each(op)               op(e) for e in [0, op.size())  (the element-wise passes)
-//   Backend::conv_tiled<T>(s, in, weight, epilogue, out, layout)        the NCHW shared-memory conv pass
+//   Backend::conv_tiled<T>(s, in, weights, epilogue, out, layout)       the NCHW shared-memory conv pass
 //   Backend::weight_grad_partials<T>(s, in, grad_out, partials)         per-tile weight/bias gradient sums
 #pragma once
 
@@ -119,25 +119,41 @@ inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight) {
 
 inline at::Tensor fp32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// C x 1 x kh x kw fp32 weights as (kh * kw) x C, for the kernels whose consecutive threads take consecutive
-// channels (a warp's weight reads are then one line, not 32).
-inline at::Tensor tap_major(const at::Tensor& weight) { return weight.flatten(1).t().contiguous(); }
+// C x 1 x kh x kw fp32 weights as a kernel reads them (ConvWeights), with the tensor that holds them: a tap-major
+// copy where consecutive threads take consecutive channels (`channel_lanes`), else the weights themselves;
+// `flip` reads the kernel rotated by 180 degrees.
+struct LaidOutWeights {
+  at::Tensor storage;
+  ConvWeights view;
+};
+
+inline LaidOutWeights lay_out_weights(const at::Tensor& weight, bool channel_lanes, bool flip) {
+  const int channels = static_cast<int>(weight.size(0)), taps = static_cast<int>(weight.size(2) * weight.size(3));
+  LaidOutWeights w;
+  w.storage = channel_lanes ? weight.flatten(1).t().contiguous() : weight;
+  w.view = channel_lanes ? ConvWeights{w.storage.data_ptr<float>(), 1, channels}
+                         : ConvWeights{w.storage.data_ptr<float>(), taps, 1};
+  if (flip) {
+    w.view.data += static_cast<int64_t>(taps - 1) * w.view.tap_stride;
+    w.view.tap_stride = -w.view.tap_stride;
+  }
+  return w;
+}
 
 template <class Backend>
 struct Ops {
-  // One convolution pass over `s`: the channels-last path runs the element-wise direct kernel, NCHW the
-  // shared-memory tiled one.
+  // One convolution pass over `s` (with `flip`, the kernel rotated by 180 degrees: the grad input's): the
+  // channels-last path runs the element-wise direct kernel, NCHW the shared-memory tiled one.
   template <typename T, class Source, class Epilogue>
-  static void conv(const ConvShape& s, bool channels_last, const Source& in, const at::Tensor& weight,
+  static void conv(const ConvShape& s, bool channels_last, const Source& in, const at::Tensor& weight, bool flip,
                    const Epilogue& epilogue, const at::Tensor& out) {
     if (out.numel() == 0) return;
     const Layout layout = layout_of(out, channels_last);
+    const LaidOutWeights w = lay_out_weights(weight, channels_last, flip);
     if (channels_last) {
-      const at::Tensor taps = tap_major(weight);
-      Backend::for_each(ConvDirectOp<T, Source, Epilogue>{s, in, taps.data_ptr<float>(), epilogue,
-                                                           out.data_ptr<T>(), layout});
+      Backend::for_each(ConvDirectOp<T, Source, Epilogue>{s, in, w.view, epilogue, out.data_ptr<T>(), layout});
     } else {
-      Backend::template conv_tiled<T>(s, in, weight.data_ptr<float>(), epilogue, out.data_ptr<T>(), layout);
+      Backend::template conv_tiled<T>(s, in, w.view, epilogue, out.data_ptr<T>(), layout);
     }
   }
 
@@ -180,8 +196,8 @@ struct Ops {
     at::Tensor y = at::empty_like(xc, memory_format(cl));
     const ConvShape s = conv_shape(xc, w);
     DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_forward", [&] {
-      conv<scalar_t>(s, cl, source_of<scalar_t>(xc, cl), w, BiasEpilogue{b.defined() ? b.data_ptr<float>() : nullptr},
-                     y);
+      conv<scalar_t>(s, cl, source_of<scalar_t>(xc, cl), w, false,
+                     BiasEpilogue{b.defined() ? b.data_ptr<float>() : nullptr}, y);
     });
     return y;
   }
@@ -203,8 +219,7 @@ struct Ops {
     DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_backward", [&] {
       if (output_mask[0]) {
         grad_x = at::empty_like(xc, memory_format(cl));
-        conv<scalar_t>(s, cl, source_of<scalar_t>(gyc, cl), w.flip({2, 3}).contiguous(), BiasEpilogue{nullptr},
-                       grad_x);
+        conv<scalar_t>(s, cl, source_of<scalar_t>(gyc, cl), w, true, BiasEpilogue{nullptr}, grad_x);
       }
       if (output_mask[1] || output_mask[2]) {
         const at::Tensor xn = xc.contiguous(), gyn = gyc.contiguous();
@@ -250,8 +265,8 @@ struct Ops {
     const ConvShape s = conv_shape(mc, w);
     DECO_DISPATCH_FLOATING(memory.scalar_type(), "upsample_add_conv_forward", [&] {
       const UpsampleSumSource<scalar_t> sum = upsample_sum<scalar_t>(qc, mc, cl);
-      conv<scalar_t>(s, cl, sum,
-                     w, UpsampleResidualEpilogue<scalar_t>{b.defined() ? b.data_ptr<float>() : nullptr, sum}, y);
+      conv<scalar_t>(s, cl, sum, w, false,
+                     UpsampleResidualEpilogue<scalar_t>{b.defined() ? b.data_ptr<float>() : nullptr, sum}, y);
     });
     return y;
   }
@@ -275,7 +290,7 @@ struct Ops {
       if (output_mask[0] || output_mask[1]) {
         // grad of (u + m): the transposed conv of grad y; it is grad memory, and grad u = it + grad y.
         grad_sum = at::empty_like(mc, memory_format(cl));
-        conv<scalar_t>(s, cl, gy, w.flip({2, 3}).contiguous(), BiasEpilogue{nullptr}, grad_sum);
+        conv<scalar_t>(s, cl, gy, w, true, BiasEpilogue{nullptr}, grad_sum);
       }
       if (output_mask[0]) {
         grad_query = at::empty_like(qc, memory_format(cl));
@@ -484,17 +499,6 @@ struct ConvLayerNormOps {
 
   static const float* bias_data(const at::Tensor& b) { return b.defined() ? b.data_ptr<float>() : nullptr; }
 
-  // The fp32 C x 1 x kh x kw weights in the layout the passes read (ConvWeights): tap-major for channels-last x.
-  static at::Tensor layer_norm_conv_layout(const at::Tensor& w, bool channels_last) {
-    return channels_last ? tap_major(w) : w;
-  }
-
-  // The passes' view of `laid_out`, layer_norm_conv_layout's result.
-  static ConvWeights conv_weights(const at::Tensor& laid_out, bool channels_last, const ConvShape& s) {
-    return channels_last ? ConvWeights{laid_out.data_ptr<float>(), 1, s.channels}
-                         : ConvWeights{laid_out.data_ptr<float>(), s.kh * s.kw, 1};
-  }
-
   static LayerNormTiling tiling_of(const ConvShape& s) {
     const LayerNormTiling tiling = make_layer_norm_tiling(s);
     TORCH_CHECK(tiling.tiles <= INT_MAX, "deco_kernels: ", tiling.tiles, " tiles of ", tiling.pixels,
@@ -511,7 +515,9 @@ struct ConvLayerNormOps {
     typename Backend::Guard guard(x.device());
     const bool cl = is_channels_last(x);
     const at::Tensor xc = in_format(x, cl);
-    const at::Tensor w = fp32_contiguous(weight), wl = layer_norm_conv_layout(w, cl);
+    // Channels-last tiles give consecutive threads consecutive channels.
+    const at::Tensor w = fp32_contiguous(weight);
+    const LaidOutWeights wl = lay_out_weights(w, cl, false);
     const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
     const at::Tensor nw = fp32_contiguous(norm_weight), nb = fp32_contiguous(norm_bias);
     at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, xc.options());
@@ -521,7 +527,7 @@ struct ConvLayerNormOps {
     const ConvShape s = conv_shape(xc, w);
     DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_forward", [&] {
       Backend::conv_layernorm_forward(ConvLayerNormForwardPass<scalar_t, TensorSource<scalar_t>>{
-          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), conv_weights(wl, cl, s), bias_data(b),
+          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), wl.view, bias_data(b),
           nw.data_ptr<float>(), nb.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<scalar_t>(),
           mean.data_ptr<float>(), rstd.data_ptr<float>()});
     });
@@ -567,10 +573,10 @@ struct ConvLayerNormOps {
       }
     }
     if (tiling.tiles > 0 && (need_grad_y || need_norm)) {
-      const at::Tensor wl = layer_norm_conv_layout(w, cl);
+      const LaidOutWeights wl = lay_out_weights(w, cl, false);
       DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_backward", [&] {
         Backend::conv_layernorm_backward(ConvLayerNormBackwardPass<scalar_t, TensorSource<scalar_t>>{
-            s, tiling, cl, source_of<scalar_t>(xc, cl), conv_weights(wl, cl, s), bias_data(b), nw.data_ptr<float>(),
+            s, tiling, cl, source_of<scalar_t>(xc, cl), wl.view, bias_data(b), nw.data_ptr<float>(),
             meanc.data_ptr<float>(), rstdc.data_ptr<float>(), goc.data_ptr<scalar_t>(),
             need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr, layout_of(xc, cl),
             need_norm ? partials.data_ptr<float>() : nullptr});

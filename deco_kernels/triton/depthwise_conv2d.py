@@ -310,10 +310,14 @@ def check_parameters(weight: torch.Tensor, bias: torch.Tensor | None, channels: 
     return _common.check_depthwise_weight(weight, channels, weight.device, op)
 
 
-def tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """C x 1 x kh x kw weights as (kh * kw) x C: a tap's weights for consecutive channels are consecutive, the
-    layout for tiles whose lanes span channels (channels-last tiles here and in the conv + LayerNorm kernels)."""
-    return weight.reshape(weight.shape[0], -1).t().contiguous()
+def lay_out_weights(weight: torch.Tensor, channel_lanes: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+    """C x 1 x kh x kw weights as a conv kernel reads them, with their (channel, tap) strides: a tap-major
+    (kh * kw x C) copy for tiles whose lanes span channels (a tap's weights are then one line, not one per
+    channel), else the weights themselves (a tile of one channel per pixel column reads them as a broadcast)."""
+    channels, taps = weight.shape[0], weight.shape[2] * weight.shape[3]
+    if channel_lanes:
+        return weight.reshape(channels, taps).t().contiguous(), (1, channels)
+    return weight, (taps, 1)
 
 
 def launch_conv_forward(
@@ -335,8 +339,7 @@ def launch_conv_forward(
     n_c, n_h, n_w = tile_grid(out.shape, tile)
     query_h, query_w = x.shape[-2:]
     m = x if memory is None else memory
-    # A tile of several channels reads each tap's weights for all of them: tap-major, that is one line.
-    weights, weight_strides = (tap_major(weight), (1, channels)) if tile.block_c > 1 else (weight, (kh * kw, 1))
+    weights, weight_strides = lay_out_weights(weight, tile.block_c > 1)
     _conv_forward_kernel[(batch * n_c * n_h * n_w,)](
         x, m, weights, weights if bias is None else bias, out,
         channels, height, width, query_h, query_w,

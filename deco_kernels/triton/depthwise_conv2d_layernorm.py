@@ -40,7 +40,7 @@ from deco_kernels.triton.depthwise_conv2d import (
     aot_signature,
     check_parameters,
     depthwise_conv2d_backward,
-    tap_major,
+    lay_out_weights,
 )
 
 __all__ = [
@@ -126,18 +126,19 @@ def _conv_pixel_tile(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
 ):
     """The depthwise conv output (+ bias) in fp32 on the tile of :func:`_pixel_block`, exactly 0 at channels
-    >= C (their weights and bias load as 0). w is tap-major (KH * KW x C) for channels-last tiles, so that a
-    tap's weights are one line, and C x KH x KW for NCHW tiles (one channel per pixel column: a broadcast)."""
+    >= C (their weights and bias load as 0). w is laid out by :func:`lay_out_weights`: tap-major for
+    channels-last tiles, as given for NCHW ones. The strides follow from CHANNELS_LAST rather than being
+    passed: a runtime channel stride costs registers per tile element (the fp16 NCHW forward spilled)."""
     # 32-bit offsets from the image's base pointer (one image fits 32-bit indexing): a 64-bit pointer per tile
     # element would double the registers the loop-invariant channel offsets hold.
     x_image = x_ptr + b * sx_b
     channel_offsets = cs * sx_c
     if CHANNELS_LAST:
         w_channels = w_ptr + cs
-        tap_stride = C
+        sw_t = C
     else:
         w_channels = w_ptr + cs * (KH * KW)
-        tap_stride = 1
+        sw_t = 1
     tile_shape: tl.constexpr = (BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P)
     acc = tl.zeros(tile_shape, dtype=tl.float32)
     for i in range(KH):
@@ -150,11 +151,11 @@ def _conv_pixel_tile(
             shifted = (ps + ((i - KH // 2) * W + (j - KW // 2))) * sx_p
             value = tl.load(x_image + (channel_offsets + shifted), mask=mask, other=0.0).to(tl.float32)
             if CHANNELS_LAST:
-                weight = tl.load(w_channels + (i * KW + j) * tap_stride, mask=c_ok, other=0.0)
+                weight = tl.load(w_channels + (i * KW + j) * sw_t, mask=c_ok, other=0.0)
             else:
                 # A BLOCK_C x 1 load gets a channel-major layout, and Triton would move the whole value tile
                 # into it at every tap; loaded at the tile's shape it shares the value's pixel-major layout.
-                weight = tl.load(tl.broadcast_to(w_channels + (i * KW + j) * tap_stride, tile_shape),
+                weight = tl.load(tl.broadcast_to(w_channels + (i * KW + j) * sw_t, tile_shape),
                                  mask=tl.broadcast_to(c_ok, tile_shape), other=0.0)
             acc += value * weight
     if HAS_BIAS:
@@ -299,9 +300,9 @@ def depthwise_conv2d_layernorm_forward(
         return out, mean, rstd
     tile = pixel_tile(x)
     n_p_blocks = triton.cdiv(height * width, tile.block_p)
-    taps = tap_major(weight) if _channels_last(x) else weight
+    weights, _ = lay_out_weights(weight, _channels_last(x))
     _conv_layernorm_forward_kernel[(batch * n_p_blocks,)](
-        x, taps, taps if bias is None else bias, norm_weight, norm_bias, out, mean, rstd,
+        x, weights, weights if bias is None else bias, norm_weight, norm_bias, out, mean, rstd,
         channels, height, width, eps,
         x.stride(0), x.stride(1), pixel_stride,
         n_p_blocks,
@@ -360,9 +361,9 @@ def depthwise_conv2d_layernorm_backward(
                    if norm_grads_needed else mean)
         gy, gy_strides = (mean, (0, 0, 0)) if grad_y is None else (
             grad_y, (grad_y.stride(0), grad_y.stride(1), _pixel_stride(grad_y, op)))
-        taps = tap_major(weight) if _channels_last(x) else weight
+        weights, _ = lay_out_weights(weight, _channels_last(x))
         _conv_layernorm_backward_kernel[(n_programs,)](
-            grad_out, x, taps, taps if bias is None else bias, norm_weight, mean, rstd, gy, partial,
+            grad_out, x, weights, weights if bias is None else bias, norm_weight, mean, rstd, gy, partial,
             channels, height, width,
             x.stride(0), x.stride(1), pixel_stride,
             *grad_out.stride(),
