@@ -104,7 +104,7 @@ struct UpsampleSumSource {
 // ---------------------------------------------------------------------------------------------------------
 // Depthwise 'same' convolution, stride 1. A pass computes out = epilogue(sum_taps w * in); the weight is per
 // channel, row-major kh x kw, fp32. Grad input is the same-padded conv of grad y with the kernel flipped in
-// both dimensions (kh - 1 = 2 * (kh / 2) for odd kh), so the host passes a flipped copy for it.
+// both dimensions (kh - 1 = 2 * (kh / 2) for odd kh), read through ConvWeights' negative tap stride.
 
 struct ConvShape {
   int batch, channels, height, width, kh, kw;
