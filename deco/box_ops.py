@@ -64,16 +64,17 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, t
     return intersection / union, union
 
 
-def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, *, check_inverted: bool = True) -> torch.Tensor:
     """Pairwise generalised IoU (Rezatofighi et al. 2019) of xyxy boxes: ``iou - (enclosing - union) / enclosing``.
 
     boxes1: N x 4, boxes2: M x 4. Returns N x M in [-1, 1]. Union and enclosing area are clamped below at
-    :data:`AREA_EPS`, so degenerate boxes never give NaN. Inverted boxes (x1 < x0) are rejected.
+    :data:`AREA_EPS`, so degenerate boxes never give NaN. Inverted boxes (x1 < x0) make the result meaningless
+    and are rejected, unless ``check_inverted=False``: the check costs a host sync per call on a GPU, and the
+    matcher and the loss validate their boxes in bulk instead.
     """
     _check_pair(boxes1, boxes2)
-    # An inverted box makes the areas negative and the result meaningless; checking it costs a host sync,
-    # so only outside of graph capture / compilation (the loss calls this on plain eager tensors).
-    if not torch.compiler.is_compiling() and not (
+    # The check cannot run under graph capture or compilation (it reads a value on the host).
+    if check_inverted and not torch.compiler.is_compiling() and not (
         boxes1.is_cuda and torch.cuda.is_current_stream_capturing()
     ):
         for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):

@@ -94,7 +94,8 @@ def mean_num_boxes(local_count: int, device: torch.device) -> torch.Tensor:
 
     Every rank divides its summed loss by this number, and DDP averages the gradients, so the result is the
     gradient of the global batch's summed loss divided by the global number of boxes."""
-    count = torch.tensor(float(local_count), dtype=torch.float32, device=device)
+    # A fill, not torch.tensor(..., device=device): on a GPU that is a blocking copy, which waits for the queue.
+    count = torch.full((), float(local_count), dtype=torch.float32, device=device)
     return all_reduce_mean(count).clamp(min=1)
 
 

@@ -9,6 +9,9 @@ of each key, so the training objective is ``sum(losses[k] * weight_dict[k] for k
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +22,6 @@ from deco.matcher import HungarianMatcher
 __all__ = ["CLASS_LOSSES", "SetCriterion", "build_criterion", "sigmoid_focal_loss"]
 
 CLASS_LOSSES = ("focal", "softmax_ce")
-LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def sigmoid_focal_loss(
@@ -84,16 +86,13 @@ class SetCriterion(torch.nn.Module):
                 f"(num_classes={self.num_classes}); got {logits.shape[-1]}"
             )
 
-    def loss_labels(self, outputs: dict, targets: list[dict], indices: list, num_boxes: torch.Tensor) -> torch.Tensor:
-        logits = outputs["pred_logits"]
-        self._check_logits(logits)
-        batch_index, query_index = _prediction_index(indices)
-        matched_labels = torch.cat([t["labels"][target_index] for t, (_, target_index) in zip(targets, indices)])
-        matched_labels = matched_labels.to(logits.device, torch.int64)
+    def loss_labels(
+        self, logits: torch.Tensor, pairs: MatchedPairs, target_labels: torch.Tensor, num_boxes: torch.Tensor
+    ) -> torch.Tensor:
         # Unmatched queries are "no object": class num_classes (the extra softmax column, or, for the focal
         # loss, a column that is dropped so that those queries get an all-zero one-hot row).
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[batch_index, query_index] = matched_labels
+        target_classes[pairs.batch, pairs.query] = target_labels[pairs.target]
         if self.class_loss == "softmax_ce":
             return F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)
         one_hot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(torch.float32)
@@ -101,33 +100,39 @@ class SetCriterion(torch.nn.Module):
         return loss.sum() / num_boxes
 
     def loss_boxes(
-        self, outputs: dict, targets: list[dict], indices: list, num_boxes: torch.Tensor
+        self, boxes: torch.Tensor, pairs: MatchedPairs, target_boxes: torch.Tensor, num_boxes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_index, query_index = _prediction_index(indices)
-        pred_boxes = outputs["pred_boxes"][batch_index, query_index].float()
-        target_boxes = torch.cat([t["boxes"][target_index] for t, (_, target_index) in zip(targets, indices)])
-        target_boxes = target_boxes.to(pred_boxes.device, torch.float32)
-        loss_bbox = F.l1_loss(pred_boxes, target_boxes, reduction="sum") / num_boxes
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
+        pred_boxes = boxes[pairs.batch, pairs.query].float()
+        matched_boxes = target_boxes[pairs.target]
+        loss_bbox = F.l1_loss(pred_boxes, matched_boxes, reduction="sum") / num_boxes
+        # The matcher has rejected inverted boxes already (without a host sync).
+        giou = generalized_box_iou(
+            box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(matched_boxes), check_inverted=False
+        )
         loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
         return loss_bbox, loss_giou
 
-    def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Match one layer's predictions and return its unweighted loss_ce, loss_bbox and loss_giou."""
-        indices = self.matcher(outputs, targets)
-        loss_bbox, loss_giou = self.loss_boxes(outputs, targets, indices, num_boxes)
-        return {
-            "loss_ce": self.loss_labels(outputs, targets, indices, num_boxes),
-            "loss_bbox": loss_bbox,
-            "loss_giou": loss_giou,
-        }
-
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        layers = [outputs, *(outputs.get("aux_outputs") or ())]
+        for layer in layers:
+            self._check_logits(layer["pred_logits"])
         device = outputs["pred_logits"].device
-        num_boxes = distributed.mean_num_boxes(sum(len(t["labels"]) for t in targets), device)
-        losses = self.layer_losses(outputs, targets, num_boxes)
-        for layer, aux in enumerate(outputs.get("aux_outputs") or ()):
-            losses.update({f"{k}_{layer}": v for k, v in self.layer_losses(aux, targets, num_boxes).items()})
+        target_counts = [len(t["labels"]) for t in targets]
+        num_boxes = distributed.mean_num_boxes(sum(target_counts), device)
+        # Every layer is matched separately, but all in one go: a single host sync per step.
+        layer_pairs = _matched_pairs(self.matcher.match_layers(layers, targets), target_counts, device)
+        target_labels = torch.cat([t["labels"] for t in targets]).to(device, torch.int64)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
+        losses = {}
+        for layer, (layer_outputs, pairs) in enumerate(zip(layers, layer_pairs)):
+            loss_bbox, loss_giou = self.loss_boxes(layer_outputs["pred_boxes"], pairs, target_boxes, num_boxes)
+            layer_losses = {
+                "loss_ce": self.loss_labels(layer_outputs["pred_logits"], pairs, target_labels, num_boxes),
+                "loss_bbox": loss_bbox,
+                "loss_giou": loss_giou,
+            }
+            suffix = "" if layer == 0 else f"_{layer - 1}"
+            losses.update({f"{name}{suffix}": value for name, value in layer_losses.items()})
         return losses
 
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -135,10 +140,31 @@ class SetCriterion(torch.nn.Module):
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
 
-def _prediction_index(indices: list) -> tuple[torch.Tensor, torch.Tensor]:
-    batch_index = torch.cat([torch.full_like(query, image) for image, (query, _) in enumerate(indices)])
-    query_index = torch.cat([query for query, _ in indices])
-    return batch_index, query_index
+class MatchedPairs(NamedTuple):
+    """The matched (prediction, target) pairs of one layer, M of them, as int64 index tensors on the device:
+    prediction ``(batch[m], query[m])`` is matched to target ``target[m]`` of the batch's concatenated targets."""
+
+    batch: torch.Tensor
+    query: torch.Tensor
+    target: torch.Tensor
+
+
+def _matched_pairs(
+    layer_indices: list[list[tuple[torch.Tensor, torch.Tensor]]], target_counts: list[int], device: torch.device
+) -> list[MatchedPairs]:
+    """The matcher's per-image ``(query_index, target_index)`` pairs of each layer as :class:`MatchedPairs`, with
+    the indices of all layers in one host-to-device copy (from pinned memory on a GPU, so the host goes on)."""
+    offsets = [0, *itertools.accumulate(target_counts)]
+    columns, pair_counts = [], []
+    for indices in layer_indices:
+        for image, (query_index, target_index) in enumerate(indices):
+            columns.append(torch.stack([torch.full_like(query_index, image), query_index, target_index + offsets[image]]))
+        pair_counts.append(sum(len(query_index) for query_index, _ in indices))
+    stacked = torch.cat(columns, dim=1) if columns else torch.zeros(3, 0, dtype=torch.int64)
+    if device.type == "cuda":
+        stacked = stacked.pin_memory()
+    stacked = stacked.to(device, non_blocking=True)
+    return [MatchedPairs(*layer) for layer in stacked.split(pair_counts, dim=1)]
 
 
 def build_criterion(

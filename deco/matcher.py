@@ -9,6 +9,8 @@ with scipy's ``linear_sum_assignment``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -26,7 +28,8 @@ class HungarianMatcher(torch.nn.Module):
     cost, num_classes + 1 with the no-object column last for the softmax cost), ``outputs["pred_boxes"]``
     (B x Q x 4, cxcywh in [0, 1]) and ``targets``, a list of B dicts with ``"labels"`` (N_i int64) and
     ``"boxes"`` (N_i x 4 cxcywh). It returns a list of B pairs ``(query_index, target_index)``, int64 tensors
-    of length min(Q, N_i) on the CPU, ``query_index`` in increasing order.
+    of length min(Q, N_i) on the CPU, ``query_index`` in increasing order. :meth:`match_layers` matches the
+    final and every auxiliary layer with one host sync in all (on a GPU each sync stalls the queue).
     """
 
     def __init__(
@@ -60,44 +63,86 @@ class HungarianMatcher(torch.nn.Module):
         negative = (1 - alpha) * prob**gamma * (-(1 - prob + 1e-8).log())
         return positive - negative
 
-    @torch.no_grad()
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
-        """The B per-image cost matrices, each Q x N_i float32 on the CPU."""
-        logits = outputs["pred_logits"]
-        boxes = outputs["pred_boxes"]
-        if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4 or logits.shape[:2] != boxes.shape[:2]:
-            raise ValueError(
-                "outputs must hold pred_logits B x Q x K and pred_boxes B x Q x 4; got "
-                f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
-            )
-        if len(targets) != logits.shape[0]:
-            raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} predictions")
-        batch, num_queries = logits.shape[:2]
+        """The B per-image cost matrices of one layer, each Q x N_i float32 on the CPU."""
+        return self.layer_cost_matrices([outputs], targets)[0]
+
+    @torch.no_grad()
+    def layer_cost_matrices(self, layers: Sequence[dict], targets: list[dict]) -> list[list[torch.Tensor]]:
+        """The cost matrices of L layers' predictions (the final and the auxiliary decoder layers) against the
+        same targets: L lists of B matrices, each Q x N_i float32 on the CPU.
+
+        Every layer must have the same B x Q x K logits shape. The costs of all layers come to the host in one
+        copy, the only host sync. Inputs are validated without further syncs: a bad label, an inverted target
+        or predicted box, or a non-finite prediction makes its cost NaN, and a non-finite cost is diagnosed
+        after the copy.
+        """
+        if not layers:
+            raise ValueError("layers is empty: expected the predictions of at least one decoder layer")
+        shape = None
+        for outputs in layers:
+            logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+            if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4 or logits.shape[:2] != boxes.shape[:2]:
+                raise ValueError(
+                    "outputs must hold pred_logits B x Q x K and pred_boxes B x Q x 4; got "
+                    f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
+                )
+            if shape is not None and logits.shape != shape:
+                raise ValueError(f"every layer's pred_logits must have one shape; got {tuple(shape)} and {tuple(logits.shape)}")
+            shape = logits.shape
+        batch, num_queries, num_classes = shape
+        if len(targets) != batch:
+            raise ValueError(f"got {len(targets)} targets for a batch of {batch} predictions")
         sizes = [len(t["labels"]) for t in targets]
-        # One cost matrix for the whole batch (all queries against all targets) keeps this to a few big ops;
-        # each image then takes its own block of columns.
-        flat_logits = logits.flatten(0, 1).float()
-        flat_boxes = boxes.flatten(0, 1).float()
-        target_labels = torch.cat([t["labels"] for t in targets]).to(logits.device, torch.int64)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(logits.device, torch.float32)
-        if target_labels.numel() and (target_labels.min() < 0 or target_labels.max() >= logits.shape[-1]):
-            raise ValueError(f"target labels must lie in [0, {logits.shape[-1]}); got {target_labels.tolist()}")
+        device = layers[0]["pred_logits"].device
+        # One cost matrix for all layers and images (every query against every target) keeps this to a few big
+        # ops; each image then takes its own block of columns.
+        flat_logits = torch.cat([outputs["pred_logits"].flatten(0, 1) for outputs in layers]).float()
+        flat_boxes = torch.cat([outputs["pred_boxes"].flatten(0, 1) for outputs in layers]).float()
+        target_labels = torch.cat([t["labels"] for t in targets]).to(device, torch.int64)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
+        valid_target = (target_labels >= 0) & (target_labels < num_classes) & (target_boxes[:, 2:] >= 0).all(-1)
+        valid_prediction = (flat_boxes[:, 2:] >= 0).all(-1)
         cost = (
-            self.cost_class * self.class_cost_matrix(flat_logits, target_labels)
+            self.cost_class * self.class_cost_matrix(flat_logits, target_labels.clamp(0, num_classes - 1))
             + self.cost_bbox * torch.cdist(flat_boxes, target_boxes, p=1)
             - self.cost_giou
-            * generalized_box_iou(box_cxcywh_to_xyxy(flat_boxes), box_cxcywh_to_xyxy(target_boxes))
+            * generalized_box_iou(
+                box_cxcywh_to_xyxy(flat_boxes), box_cxcywh_to_xyxy(target_boxes), check_inverted=False
+            )
         )
-        cost = cost.view(batch, num_queries, -1).cpu()
-        return [block[image] for image, block in enumerate(cost.split(sizes, -1))]
+        cost = cost.masked_fill(~(valid_prediction[:, None] & valid_target[None, :]), float("nan"))
+        cost = cost.view(len(layers), batch, num_queries, -1).cpu()
+        if not torch.isfinite(cost).all():
+            _diagnose_bad_cost(layers, targets, num_classes)
+        return [[block[image] for image, block in enumerate(layer.split(sizes, -1))] for layer in cost]
 
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        indices = []
-        for cost in self.cost_matrices(outputs, targets):
-            if not torch.isfinite(cost).all():
-                raise ValueError("the matching cost holds NaN or inf: the predictions are not finite")
-            query_index, target_index = linear_sum_assignment(cost.numpy())
-            indices.append(
-                (torch.as_tensor(query_index, dtype=torch.int64), torch.as_tensor(target_index, dtype=torch.int64))
+        return self.match_layers([outputs], targets)[0]
+
+    def match_layers(self, layers: Sequence[dict], targets: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`forward` for each of L layers (see :meth:`layer_cost_matrices`), with one host sync in all."""
+        return [
+            [_assign(cost) for cost in layer_costs] for layer_costs in self.layer_cost_matrices(layers, targets)
+        ]
+
+
+def _assign(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    query_index, target_index = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(query_index, dtype=torch.int64), torch.as_tensor(target_index, dtype=torch.int64)
+
+
+def _diagnose_bad_cost(layers: Sequence[dict], targets: list[dict], num_classes: int) -> None:
+    """Raise the error that explains a non-finite matching cost (off the fast path: host syncs are fine)."""
+    for image, target in enumerate(targets):
+        labels = target["labels"]
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"target labels must lie in [0, {num_classes}); targets[{image}]['labels'] = {labels.tolist()}"
             )
-        return indices
+        if (target["boxes"][:, 2:] < 0).any():
+            raise ValueError(f"targets[{image}]['boxes'] holds a box of negative width or height (expected cxcywh)")
+    for outputs in layers:
+        if (outputs["pred_boxes"][..., 2:] < 0).any():
+            raise ValueError("pred_boxes holds a box of negative width or height (expected cxcywh)")
+    raise ValueError("the matching cost holds NaN or inf: the predictions are not finite")

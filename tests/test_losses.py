@@ -1,11 +1,13 @@
 """SetCriterion on hand-made cases: focal and softmax cross-entropy, perfect predictions, degenerate boxes."""
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from deco.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from deco.losses import build_criterion, sigmoid_focal_loss
 
 
@@ -90,6 +92,72 @@ def test_aux_layers_are_matched_separately_and_weighted():
     assert set(criterion.weight_dict) == set(losses)
     total = criterion.total(losses)
     assert total.item() == pytest.approx(sum(losses[k].item() * w for k, w in criterion.weight_dict.items()), rel=1e-6)
+
+
+def test_layers_and_images_get_their_own_matches():
+    """Several images (one without targets) and auxiliary layers: every layer's losses equal that layer's losses
+    computed alone, and the final layer's box losses equal a per-image sum over the matched pairs."""
+    generator = torch.Generator().manual_seed(5)
+    batch, num_queries, num_classes = 3, 6, 4
+
+    def layer():
+        logits = torch.randn(batch, num_queries, num_classes, generator=generator)
+        centre = torch.rand(batch, num_queries, 2, generator=generator) * 0.6 + 0.2
+        size = torch.rand(batch, num_queries, 2, generator=generator) * 0.3 + 0.05
+        return {"pred_logits": logits, "pred_boxes": torch.cat([centre, size], -1)}
+
+    targets = []
+    for count in (3, 0, 5):
+        centre = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+        size = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(num_classes, (count,), generator=generator),
+                        "boxes": torch.cat([centre, size], -1)})
+    final, aux = layer(), [layer(), layer()]
+    criterion = build_criterion(num_classes, num_aux_layers=2)
+    losses = criterion({**final, "aux_outputs": aux}, targets)
+    for index, outputs in enumerate([final, *aux]):
+        alone = criterion(outputs, targets)
+        suffix = "" if index == 0 else f"_{index - 1}"
+        for name, value in alone.items():
+            torch.testing.assert_close(losses[name + suffix], value, rtol=0, atol=0)
+
+    l1, giou_loss = 0.0, 0.0
+    for image, (queries, matched) in enumerate(criterion.matcher(final, targets)):
+        for query, target in zip(queries.tolist(), matched.tolist()):
+            predicted, expected = final["pred_boxes"][image, query].double(), targets[image]["boxes"][target].double()
+            l1 += (predicted - expected).abs().sum().item()
+            giou = generalized_box_iou(box_cxcywh_to_xyxy(predicted[None]), box_cxcywh_to_xyxy(expected[None]))
+            giou_loss += 1 - giou.item()
+    assert losses["loss_bbox"].item() == pytest.approx(l1 / 8, rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(giou_loss / 8, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a CUDA device")
+def test_criterion_syncs_the_host_once_on_cuda():
+    """Matching and losses of every layer wait for the GPU once: the copy of the cost matrices to the host."""
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(2)
+    batch, num_queries, num_classes = 4, 20, 91
+    layers = [
+        {"pred_logits": torch.randn(batch, num_queries, num_classes, generator=generator).to(device),
+         "pred_boxes": (torch.rand(batch, num_queries, 4, generator=generator) * 0.4 + 0.1).to(device)}
+        for _ in range(6)
+    ]
+    targets = [{"labels": torch.randint(num_classes, (n,), generator=generator).to(device),
+                "boxes": (torch.rand(n, 4, generator=generator) * 0.4 + 0.1).to(device)} for n in (5, 0, 12, 1)]
+    criterion = build_criterion(num_classes, num_aux_layers=5).to(device)
+    outputs = {**layers[0], "aux_outputs": layers[1:]}
+    criterion(outputs, targets)  # warm-up: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            criterion.total(criterion(outputs, targets))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 def test_empty_targets_give_finite_loss_with_num_boxes_clamped():

@@ -96,3 +96,57 @@ def test_bad_inputs_are_rejected():
         matcher(outputs, [])
     with pytest.raises(ValueError, match="class_cost"):
         HungarianMatcher(class_cost="hinge")
+
+
+def random_layers(num_layers, batch, num_queries, columns, generator):
+    return [
+        {
+            "pred_logits": torch.randn(batch, num_queries, columns, generator=generator),
+            "pred_boxes": torch.stack([random_boxes(num_queries, generator) for _ in range(batch)]),
+        }
+        for _ in range(num_layers)
+    ]
+
+
+def test_match_layers_equals_matching_each_layer_alone():
+    generator = torch.Generator().manual_seed(11)
+    layers = random_layers(4, 3, 9, 5, generator)
+    counts = [4, 0, 7]
+    targets = [
+        {"labels": torch.randint(5, (n,), generator=generator), "boxes": random_boxes(n, generator)} for n in counts
+    ]
+    matcher = HungarianMatcher()
+    together = matcher.match_layers(layers, targets)
+    assert len(together) == len(layers)
+    for layer, indices in zip(layers, together):
+        alone = matcher(layer, targets)
+        for (query, target), (query_alone, target_alone) in zip(indices, alone, strict=True):
+            assert torch.equal(query, query_alone) and torch.equal(target, target_alone)
+        for image, matrix in enumerate(matcher.cost_matrices(layer, targets)):
+            expected = brute_force_cost(
+                layer["pred_logits"][image], layer["pred_boxes"][image], targets[image]["labels"],
+                targets[image]["boxes"], "focal",
+            )
+            torch.testing.assert_close(matrix.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_boxes_and_predictions_are_diagnosed():
+    matcher = HungarianMatcher()
+    good_boxes = torch.full((1, 3, 4), 0.3)
+    outputs = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": good_boxes}
+    target = {"labels": torch.tensor([1]), "boxes": torch.full((1, 4), 0.5)}
+    inverted = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, -0.1, 0.2]])}
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] holds a box of negative width"):
+        matcher(outputs, [inverted])
+    bad_prediction = good_boxes.clone()
+    bad_prediction[0, 2, 3] = -0.2
+    with pytest.raises(ValueError, match="pred_boxes holds a box of negative width"):
+        matcher({"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": bad_prediction}, [target])
+    nan_logits = torch.zeros(1, 3, 2)
+    nan_logits[0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        matcher({"pred_logits": nan_logits, "pred_boxes": good_boxes}, [target])
+    with pytest.raises(ValueError, match="one shape"):
+        matcher.match_layers([outputs, {"pred_logits": torch.zeros(1, 4, 2), "pred_boxes": torch.full((1, 4, 4), 0.3)}], [target])
+    with pytest.raises(ValueError, match="at least one"):
+        matcher.match_layers([], [target])
