@@ -816,8 +816,9 @@ struct GammaGradReduceOp {
 // row-major by pixel. Passes of a block, separated by barriers:
 //   1. every thread computes conv outputs of the tile, kLayerNormStrip consecutive pixels of one channel at a
 //      time with the register window of conv_strip (a strip that crosses an image row is computed pixel by
-//      pixel); strips are numbered along x's contiguous axis (channels for channels-last x, pixels for NCHW)
-//      so that neighbouring threads read neighbouring addresses. The backward also reads grad_out here, by
+//      pixel), from a channels-last x (the host copies NCHW x): strips are numbered channels fastest, so a
+//      warp's load is one line. (From NCHW x a warp's lanes would span up to 16 channel planes, a line each,
+//      and each load would cost the L1 about 16 times as much.) The backward also reads grad_out here, by
 //      element, channels fastest;
 //   2. each warp reduces whole pixels over channels: per-lane sums, the xor butterfly, lane 0's total;
 //   3. every thread writes tile elements (forward: BHWC out, c fastest; backward: grad of the conv output in
@@ -954,8 +955,7 @@ template <typename T, class Source>
 struct ConvLayerNormForwardPass {
   ConvShape s;
   LayerNormTiling tiling;
-  bool channels_last;  // x's layout
-  Source in;
+  Source in;  // x, channels-last
   ConvWeights weight;
   const float* bias;    // C or nullptr
   const float* norm_weight;
@@ -971,7 +971,7 @@ struct ConvLayerNormForwardPass {
   // Pass 1: strip w of the tile, its conv outputs (0 past the image).
   DECO_HD void y_strip(int tile, int w, float* y_tile) const {
     int strip, c;
-    layer_norm_tile_slot(w, tiling.strips, s.channels, channels_last, strip, c);
+    layer_norm_tile_slot(w, tiling.strips, s.channels, true, strip, c);
     const int channels = s.channels;
     layer_norm_conv_strip(in, weight, bias, s, tiling, tile, c, strip * kLayerNormStrip,
                           [=](int p, float y) { y_tile[p * channels + c] = y; });
@@ -1006,8 +1006,8 @@ template <typename T, class Source>
 struct ConvLayerNormBackwardPass {
   ConvShape s;
   LayerNormTiling tiling;
-  bool channels_last;
-  Source in;
+  bool channels_last;  // x's layout, and grad_y's
+  Source in;           // x, channels-last
   ConvWeights weight;
   const float* bias;
   const float* norm_weight;
@@ -1024,7 +1024,7 @@ struct ConvLayerNormBackwardPass {
   // Pass 1a: strip w of the tile, its xhat = (y - mean) * rstd (0 past the image).
   DECO_HD void xhat_strip(int tile, int w, float* xhat_tile) const {
     int strip, c;
-    layer_norm_tile_slot(w, tiling.strips, s.channels, channels_last, strip, c);
+    layer_norm_tile_slot(w, tiling.strips, s.channels, true, strip, c);
     const int channels = s.channels;
     const LayerNormTiling t = tiling;
     const float* const saved_mean = mean;

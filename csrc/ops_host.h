@@ -513,21 +513,21 @@ struct ConvLayerNormOps {
     check_channel_vector(norm_bias, "norm_bias", x.size(1), x, "x");
     TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
     typename Backend::Guard guard(x.device());
-    const bool cl = is_channels_last(x);
-    const at::Tensor xc = in_format(x, cl);
-    // Channels-last tiles give consecutive threads consecutive channels.
+    // The conv pass reads channels-last x (kernel_math.h): a copy of NCHW x costs less than the conv's loads
+    // from NCHW would.
+    const at::Tensor xs = in_format(x, true);
     const at::Tensor w = fp32_contiguous(weight);
-    const LaidOutWeights wl = lay_out_weights(w, cl, false);
+    const LaidOutWeights wl = lay_out_weights(w, true, false);
     const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
     const at::Tensor nw = fp32_contiguous(norm_weight), nb = fp32_contiguous(norm_bias);
-    at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, xc.options());
-    at::Tensor mean = at::empty({x.size(0), x.size(2), x.size(3)}, xc.options().dtype(at::kFloat));
+    at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, xs.options());
+    at::Tensor mean = at::empty({x.size(0), x.size(2), x.size(3)}, xs.options().dtype(at::kFloat));
     at::Tensor rstd = at::empty_like(mean);
     if (out.numel() == 0) return {out, mean, rstd};
-    const ConvShape s = conv_shape(xc, w);
+    const ConvShape s = conv_shape(xs, w);
     DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_forward", [&] {
       Backend::conv_layernorm_forward(ConvLayerNormForwardPass<scalar_t, TensorSource<scalar_t>>{
-          s, tiling_of(s), cl, source_of<scalar_t>(xc, cl), wl.view, bias_data(b),
+          s, tiling_of(s), source_of<scalar_t>(xs, true), wl.view, bias_data(b),
           nw.data_ptr<float>(), nb.data_ptr<float>(), static_cast<float>(eps), out.data_ptr<scalar_t>(),
           mean.data_ptr<float>(), rstd.data_ptr<float>()});
     });
@@ -552,7 +552,8 @@ struct ConvLayerNormOps {
     check_statistic(rstd, "rstd");
     typename Backend::Guard guard(x.device());
     const bool cl = is_channels_last(x);
-    const at::Tensor xc = in_format(x, cl), goc = grad_out.contiguous();
+    // The conv pass reads channels-last x, as in the forward; grad_y and the conv's backward keep x's format.
+    const at::Tensor xc = in_format(x, cl), xs = in_format(x, true), goc = grad_out.contiguous();
     const at::Tensor meanc = mean.contiguous(), rstdc = rstd.contiguous();
     const at::Tensor w = fp32_contiguous(weight), nw = fp32_contiguous(norm_weight);
     const at::Tensor b = bias.has_value() && bias->defined() ? fp32_contiguous(*bias) : at::Tensor();
@@ -573,10 +574,10 @@ struct ConvLayerNormOps {
       }
     }
     if (tiling.tiles > 0 && (need_grad_y || need_norm)) {
-      const LaidOutWeights wl = lay_out_weights(w, cl, false);
+      const LaidOutWeights wl = lay_out_weights(w, true, false);
       DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_layernorm_backward", [&] {
         Backend::conv_layernorm_backward(ConvLayerNormBackwardPass<scalar_t, TensorSource<scalar_t>>{
-            s, tiling, cl, source_of<scalar_t>(xc, cl), wl.view, bias_data(b), nw.data_ptr<float>(),
+            s, tiling, cl, source_of<scalar_t>(xs, true), wl.view, bias_data(b), nw.data_ptr<float>(),
             meanc.data_ptr<float>(), rstdc.data_ptr<float>(), goc.data_ptr<scalar_t>(),
             need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr, layout_of(xc, cl),
             need_norm ? partials.data_ptr<float>() : nullptr});

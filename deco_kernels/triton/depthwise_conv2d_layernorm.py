@@ -7,14 +7,15 @@ is never written.
 Design: each program owns BLOCK_P consecutive pixels (flat ``h * W + w``) of one image times all C channels
 (BLOCK_C, C padded to a power of two): the LayerNorm needs every channel of a pixel in one program. The tap
 loop does one fp32 FMA per output and tap on the shifted (halo) input tile, then mean and rstd are reduced
-over channels in registers. Both supported layouts of x are dense over the pixels (stride of h = W * stride
-of w), so a tap shift is one offset ``(dh * W + dw) * stride_pixel``. The tile is pixels x channels for
-channels-last x and channels x pixels for NCHW x (x's contiguous axis last), and Triton specialises the unit
-stride, so loads are coalesced and the accumulator keeps the loads' layout through the tap loop. The forward
-saves the per-pixel mean and rstd (B x H x W, fp32).
+over channels in registers. The kernels read x channels-last (NCHW x is copied first): the tile is pixels x
+channels with the channels contiguous, so a tap's load is coalesced over channels and a shift is one offset
+``(dh * W + dw) * C``. From NCHW x a tile holds only 4 to 8 consecutive pixels per channel (BLOCK_P), so
+each warp load would touch a line per channel: 4 to 8 times the L1 traffic at every tap, far more than the
+copy. The forward saves the per-pixel mean and rstd (B x H x W, fp32).
 
 Backward: a kernel recomputes the conv output of a tile, applies the LayerNorm backward with the saved mean
-and rstd and writes the conv output's gradient (B x C x H x W in x's dtype and format); the depthwise
+and rstd and writes the conv output's gradient (B x C x H x W in x's dtype and format, through its
+strides); the depthwise
 backward of :mod:`deco_kernels.triton.depthwise_conv2d` turns it into the x, weight and bias gradients. The
 norm_weight/norm_bias gradients are deterministic: each program sums its pixels into its own row of a
 partial-sum buffer, and the rows are summed in a fixed order. No atomics.
@@ -95,26 +96,17 @@ def pixel_tile(x: torch.Tensor) -> PixelTile:
 
 
 @triton.jit
-def _pixel_block(
-    block, n_p_blocks, H, W, C,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-):
-    """Pixel block ``block`` (numbered pixel block fastest, then image) as a 2-D tile with x's contiguous axis
-    last: BLOCK_P x BLOCK_C when CHANNELS_LAST, else BLOCK_C x BLOCK_P.
+def _pixel_block(block, n_p_blocks, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pixel block ``block`` (numbered pixel block fastest, then image) as a BLOCK_P x BLOCK_C tile.
 
     Returns the image (int64 scalar); the flat pixels ``h * W + w``, their rows, columns and in-image mask
-    (each broadcastable along the pixel axis); the channels and their mask (along the channel axis).
-    Everything is built 2-D from the start: Triton then gives the loads and the accumulator one layout,
-    coalesced along x's contiguous axis, instead of re-laying-out tiles through shared memory at every tap.
+    (BLOCK_P x 1); the channels and their mask (1 x BLOCK_C). Everything is built 2-D from the start: Triton
+    then gives the loads and the accumulator one layout, coalesced along the channels, instead of
+    re-laying-out tiles through shared memory at every tap.
     """
     b = (block // n_p_blocks).to(tl.int64)
-    first = (block % n_p_blocks) * BLOCK_P
-    if CHANNELS_LAST:
-        ps = first + tl.arange(0, BLOCK_P)[:, None]
-        cs = tl.arange(0, BLOCK_C)[None, :]
-    else:
-        ps = first + tl.arange(0, BLOCK_P)[None, :]
-        cs = tl.arange(0, BLOCK_C)[:, None]
+    ps = (block % n_p_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+    cs = tl.arange(0, BLOCK_C)[None, :]
     return b, ps, ps // W, ps % W, ps < H * W, cs, cs < C
 
 
@@ -123,40 +115,27 @@ def _conv_pixel_tile(
     x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok,
     C, H, W, sx_b, sx_c, sx_p,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The depthwise conv output (+ bias) in fp32 on the tile of :func:`_pixel_block`, exactly 0 at channels
-    >= C (their weights and bias load as 0). w is laid out by :func:`lay_out_weights`: tap-major for
-    channels-last tiles, as given for NCHW ones. The strides follow from CHANNELS_LAST rather than being
-    passed: a runtime channel stride costs registers per tile element (the fp16 NCHW forward spilled)."""
+    >= C (their weights and bias load as 0). x is channels-last-contiguous (sx_c is 1, and Triton specialises
+    it); w is tap-major (:func:`lay_out_weights` for channel lanes)."""
     # 32-bit offsets from the image's base pointer (one image fits 32-bit indexing): a 64-bit pointer per tile
-    # element would double the registers the loop-invariant channel offsets hold.
+    # element would double the registers the loop-invariant offsets hold.
     x_image = x_ptr + b * sx_b
     channel_offsets = cs * sx_c
-    if CHANNELS_LAST:
-        w_channels = w_ptr + cs
-        sw_t = C
-    else:
-        w_channels = w_ptr + cs * (KH * KW)
-        sw_t = 1
-    tile_shape: tl.constexpr = (BLOCK_P, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, BLOCK_P)
-    acc = tl.zeros(tile_shape, dtype=tl.float32)
+    w_channels = w_ptr + cs
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for i in range(KH):
         hh = hs + (i - KH // 2)
         row_ok = p_ok & (hh >= 0) & (hh < H)
         for j in range(KW):
             ww = ws + (j - KW // 2)
             mask = row_ok & (ww >= 0) & (ww < W) & c_ok
-            # x is dense over pixels in both layouts, so the tap's pixel is ps shifted by one flat offset.
+            # x is dense over pixels, so the tap's pixel is ps shifted by one flat offset.
             shifted = (ps + ((i - KH // 2) * W + (j - KW // 2))) * sx_p
             value = tl.load(x_image + (channel_offsets + shifted), mask=mask, other=0.0).to(tl.float32)
-            if CHANNELS_LAST:
-                weight = tl.load(w_channels + (i * KW + j) * sw_t, mask=c_ok, other=0.0)
-            else:
-                # A BLOCK_C x 1 load gets a channel-major layout, and Triton would move the whole value tile
-                # into it at every tap; loaded at the tile's shape it shares the value's pixel-major layout.
-                weight = tl.load(tl.broadcast_to(w_channels + (i * KW + j) * sw_t, tile_shape),
-                                 mask=tl.broadcast_to(c_ok, tile_shape), other=0.0)
+            weight = tl.load(w_channels + (i * KW + j) * C, mask=c_ok, other=0.0)
             acc += value * weight
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cs, mask=c_ok, other=0.0)
@@ -170,17 +149,15 @@ def _conv_layernorm_forward_kernel(
     sx_b, sx_c, sx_p,
     n_p_blocks,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out = LN(dwconv(x)) over channels for one pixel block; also the block's mean and rstd."""
-    CHANNEL_AXIS: tl.constexpr = 1 if CHANNELS_LAST else 0
-    b, ps, hs, ws, p_ok, cs, c_ok = _pixel_block(tl.program_id(0), n_p_blocks, H, W, C, BLOCK_P, BLOCK_C,
-                                                 CHANNELS_LAST)
+    b, ps, hs, ws, p_ok, cs, c_ok = _pixel_block(tl.program_id(0), n_p_blocks, H, W, C, BLOCK_P, BLOCK_C)
     y = _conv_pixel_tile(x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok, C, H, W, sx_b, sx_c, sx_p,
-                         KH, KW, HAS_BIAS, BLOCK_P, BLOCK_C, CHANNELS_LAST)
-    mean = tl.sum(y, axis=CHANNEL_AXIS, keep_dims=True) / C
+                         KH, KW, HAS_BIAS, BLOCK_P, BLOCK_C)
+    mean = tl.sum(y, axis=1, keep_dims=True) / C
     centred = tl.where(c_ok, y - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, axis=CHANNEL_AXIS, keep_dims=True) / C + eps)
+    rstd = tl.rsqrt(tl.sum(centred * centred, axis=1, keep_dims=True) / C + eps)
     norm_weight = tl.load(nw_ptr + cs, mask=c_ok, other=0.0)
     norm_bias = tl.load(nb_ptr + cs, mask=c_ok, other=0.0)
     out = centred * rstd * norm_weight + norm_bias
@@ -199,25 +176,23 @@ def _conv_layernorm_backward_kernel(
     sgy_b, sgy_c, sgy_p,
     n_p_blocks, n_blocks, blocks_per_program,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_Y: tl.constexpr, NORM_GRADS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """LayerNorm backward on the recomputed conv output, for a run of ``blocks_per_program`` pixel blocks.
 
     With GRAD_Y, writes the conv output's gradient ``rstd * (g' - mean(g') - xhat * mean(g' * xhat))``,
-    g' = grad_out * norm_weight, means over channels. With NORM_GRADS, row ``program`` of partial (n_programs
-    x 2C, fp32) gets the run's sums of grad_out * xhat (columns < C) and of grad_out (columns C..2C).
+    g' = grad_out * norm_weight, means over channels, through grad_y's strides (x's format). With NORM_GRADS,
+    row ``program`` of partial (n_programs x 2C, fp32) gets the run's sums of grad_out * xhat (columns < C) and
+    of grad_out (columns C..2C).
     """
-    CHANNEL_AXIS: tl.constexpr = 1 if CHANNELS_LAST else 0
-    PIXEL_AXIS: tl.constexpr = 1 - CHANNEL_AXIS
     program = tl.program_id(0)
-    sums_shape: tl.constexpr = (1, BLOCK_C) if CHANNELS_LAST else (BLOCK_C, 1)
-    sum_g_xhat = tl.zeros(sums_shape, dtype=tl.float32)
-    sum_g = tl.zeros(sums_shape, dtype=tl.float32)
+    sum_g_xhat = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    sum_g = tl.zeros((1, BLOCK_C), dtype=tl.float32)
     first = program * blocks_per_program
     for block in range(first, tl.minimum(first + blocks_per_program, n_blocks)):
-        b, ps, hs, ws, p_ok, cs, c_ok = _pixel_block(block, n_p_blocks, H, W, C, BLOCK_P, BLOCK_C, CHANNELS_LAST)
+        b, ps, hs, ws, p_ok, cs, c_ok = _pixel_block(block, n_p_blocks, H, W, C, BLOCK_P, BLOCK_C)
         y = _conv_pixel_tile(x_ptr, w_ptr, bias_ptr, b, ps, hs, ws, p_ok, cs, c_ok, C, H, W, sx_b, sx_c, sx_p,
-                             KH, KW, HAS_BIAS, BLOCK_P, BLOCK_C, CHANNELS_LAST)
+                             KH, KW, HAS_BIAS, BLOCK_P, BLOCK_C)
         pixels = b * (H * W) + ps
         mean = tl.load(mean_ptr + pixels, mask=p_ok, other=0.0)
         rstd = tl.load(rstd_ptr + pixels, mask=p_ok, other=0.0)
@@ -227,39 +202,38 @@ def _conv_layernorm_backward_kernel(
         g = tl.load(go_ptr + (b * sgo_b + hs * sgo_h + ws * sgo_w + cs * sgo_c), mask=mask, other=0.0)
         g = g.to(tl.float32)
         if NORM_GRADS:
-            sum_g_xhat += tl.sum(g * xhat, axis=PIXEL_AXIS, keep_dims=True)
-            sum_g += tl.sum(g, axis=PIXEL_AXIS, keep_dims=True)
+            sum_g_xhat += tl.sum(g * xhat, axis=0, keep_dims=True)
+            sum_g += tl.sum(g, axis=0, keep_dims=True)
         if GRAD_Y:
             g_scaled = g * tl.load(nw_ptr + cs, mask=c_ok, other=0.0)
-            mean_g = tl.sum(g_scaled, axis=CHANNEL_AXIS, keep_dims=True) / C
-            mean_g_xhat = tl.sum(g_scaled * xhat, axis=CHANNEL_AXIS, keep_dims=True) / C
+            mean_g = tl.sum(g_scaled, axis=1, keep_dims=True) / C
+            mean_g_xhat = tl.sum(g_scaled * xhat, axis=1, keep_dims=True) / C
             grad_y = (g_scaled - mean_g - xhat * mean_g_xhat) * rstd
             tl.store(gy_ptr + (b * sgy_b + cs * sgy_c + ps * sgy_p), grad_y.to(gy_ptr.dtype.element_ty), mask=mask)
     if NORM_GRADS:
-        cs_sums = tl.arange(0, BLOCK_C)
-        if CHANNELS_LAST:
-            cs_sums = cs_sums[None, :]
-        else:
-            cs_sums = cs_sums[:, None]
+        cs_sums = tl.arange(0, BLOCK_C)[None, :]
         row = partial_ptr + program.to(tl.int64) * (2 * C)
         tl.store(row + cs_sums, sum_g_xhat, mask=cs_sums < C)
         tl.store(row + C + cs_sums, sum_g, mask=cs_sums < C)
 
 
-def _pixel_stride(t: torch.Tensor, op: str) -> int:
+def _check_layout(x: torch.Tensor, op: str) -> None:
+    if not _common.is_supported_layout(x):
+        raise ValueError(f"{op}: x must be NCHW- or channels-last-contiguous; got strides {x.stride()}")
+
+
+def _pixel_stride(t: torch.Tensor) -> int:
     """The stride between flat pixels ``h * W + w`` of a NCHW- or channels-last-contiguous B x C x H x W tensor.
 
     That is the stride of w, except that a dimension of size 1 may carry any stride in a contiguous tensor:
     with W == 1 the flat pixel is h.
     """
-    if not _common.is_supported_layout(t):
-        raise ValueError(f"{op}: x must be NCHW- or channels-last-contiguous; got strides {t.stride()}")
     return t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether the kernels lay their tiles out for channels-last x (channels contiguous) rather than NCHW."""
-    return _common.memory_format_of(x) is torch.channels_last
+def _channels_last_copy(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it: channels-last-contiguous (x itself when it already is)."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _check_norm_parameters(norm_weight: torch.Tensor, norm_bias: torch.Tensor | None, channels: int, op: str) -> None:
@@ -292,7 +266,7 @@ def depthwise_conv2d_layernorm_forward(
     batch, channels, height, width = x.shape
     kh, kw = check_parameters(weight, bias, channels, op)
     _check_norm_parameters(norm_weight, norm_bias, channels, op)
-    pixel_stride = _pixel_stride(x, op)
+    _check_layout(x, op)
     out = _common.empty_output((batch, height, width, channels), x, memory_format=torch.contiguous_format)
     mean = _common.empty_output((batch, height, width), x, dtype=torch.float32)
     rstd = _common.empty_output((batch, height, width), x, dtype=torch.float32)
@@ -300,14 +274,15 @@ def depthwise_conv2d_layernorm_forward(
         return out, mean, rstd
     tile = pixel_tile(x)
     n_p_blocks = triton.cdiv(height * width, tile.block_p)
-    weights, _ = lay_out_weights(weight, _channels_last(x))
+    x_cl = _channels_last_copy(x)
+    weights, _ = lay_out_weights(weight, channel_lanes=True)
     _conv_layernorm_forward_kernel[(batch * n_p_blocks,)](
-        x, weights, weights if bias is None else bias, norm_weight, norm_bias, out, mean, rstd,
+        x_cl, weights, weights if bias is None else bias, norm_weight, norm_bias, out, mean, rstd,
         channels, height, width, eps,
-        x.stride(0), x.stride(1), pixel_stride,
+        x_cl.stride(0), x_cl.stride(1), _pixel_stride(x_cl),
         n_p_blocks,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, BLOCK_P=tile.block_p, BLOCK_C=tile.block_c,
-        CHANNELS_LAST=_channels_last(x), num_warps=tile.forward_warps,
+        num_warps=tile.forward_warps,
     )
     return out, mean, rstd
 
@@ -337,7 +312,7 @@ def depthwise_conv2d_layernorm_backward(
     if tuple(grad_out.shape) != (batch, height, width, channels):
         raise ValueError(f"{op}: grad_out must be B x H x W x C {(batch, height, width, channels)}; "
                          f"got {tuple(grad_out.shape)}")
-    pixel_stride = _pixel_stride(x, op)
+    _check_layout(x, op)
     need_x, need_weight, need_bias, need_norm_weight, need_norm_bias = output_mask
     grad_y_needed = need_x or need_weight or need_bias
     norm_grads_needed = need_norm_weight or need_norm_bias
@@ -360,18 +335,18 @@ def depthwise_conv2d_layernorm_backward(
         partial = (_common.empty_output((n_programs, 2 * channels), x, dtype=torch.float32)
                    if norm_grads_needed else mean)
         gy, gy_strides = (mean, (0, 0, 0)) if grad_y is None else (
-            grad_y, (grad_y.stride(0), grad_y.stride(1), _pixel_stride(grad_y, op)))
-        weights, _ = lay_out_weights(weight, _channels_last(x))
+            grad_y, (grad_y.stride(0), grad_y.stride(1), _pixel_stride(grad_y)))
+        x_cl = _channels_last_copy(x)
+        weights, _ = lay_out_weights(weight, channel_lanes=True)
         _conv_layernorm_backward_kernel[(n_programs,)](
-            grad_out, x, weights, weights if bias is None else bias, norm_weight, mean, rstd, gy, partial,
+            grad_out, x_cl, weights, weights if bias is None else bias, norm_weight, mean, rstd, gy, partial,
             channels, height, width,
-            x.stride(0), x.stride(1), pixel_stride,
+            x_cl.stride(0), x_cl.stride(1), _pixel_stride(x_cl),
             *grad_out.stride(),
             *gy_strides,
             n_p_blocks, n_blocks, blocks_per_program,
             KH=kh, KW=kw, HAS_BIAS=bias is not None, GRAD_Y=grad_y_needed, NORM_GRADS=norm_grads_needed,
-            BLOCK_P=tile.block_p, BLOCK_C=tile.block_c, CHANNELS_LAST=_channels_last(x),
-            num_warps=tile.backward_warps,
+            BLOCK_P=tile.block_p, BLOCK_C=tile.block_c, num_warps=tile.backward_warps,
         )
         if norm_grads_needed:
             _sum_rows_kernel[(triton.cdiv(2 * channels, _SUM_BLOCK_COLS),)](
@@ -391,18 +366,17 @@ def depthwise_conv2d_layernorm_backward(
 
 
 def aot_cases() -> list[tuple[str, object, dict, dict, int]]:
-    """Both kernels at every tile, NCHW and channels-last x, for the ahead-of-time compile test."""
+    """Both kernels at every tile (grad_y NCHW and channels-last), for the ahead-of-time compile test."""
     cases = []
     for index, tile in enumerate(TILES):
         dtype = _TRITON_DTYPES[(torch.float32, torch.bfloat16, torch.float16)[index % 3]]
+        common = {"KH": 7, "KW": 7, "HAS_BIAS": True, "BLOCK_P": tile.block_p, "BLOCK_C": tile.block_c, "sx_c": 1}
+        pointers = {"x_ptr": f"*{dtype}", "w_ptr": "*fp32", "bias_ptr": "*fp32", "nw_ptr": "*fp32",
+                    "nb_ptr": "*fp32", "out_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+        signature = {**aot_signature(_conv_layernorm_forward_kernel, pointers, common), "eps": "fp32"}
+        cases.append((f"forward_{tile.name}_{dtype}", _conv_layernorm_forward_kernel, signature, common,
+                      tile.forward_warps))
         for layout, unit_stride in (("nchw", "p"), ("cl", "c")):
-            common = {"KH": 7, "KW": 7, "HAS_BIAS": True, "BLOCK_P": tile.block_p, "BLOCK_C": tile.block_c,
-                      "CHANNELS_LAST": layout == "cl", f"sx_{unit_stride}": 1}
-            pointers = {"x_ptr": f"*{dtype}", "w_ptr": "*fp32", "bias_ptr": "*fp32", "nw_ptr": "*fp32",
-                        "nb_ptr": "*fp32", "out_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
-            signature = {**aot_signature(_conv_layernorm_forward_kernel, pointers, common), "eps": "fp32"}
-            cases.append((f"forward_{tile.name}_{layout}_{dtype}", _conv_layernorm_forward_kernel, signature,
-                          common, tile.forward_warps))
             backward = {**common, "KH": 9, "KW": 9, "GRAD_Y": True, "NORM_GRADS": True, "sgo_c": 1,
                         f"sgy_{unit_stride}": 1}
             pointers = {"go_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "w_ptr": "*fp32", "bias_ptr": "*fp32",
