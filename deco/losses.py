@@ -158,7 +158,8 @@ def _matched_pairs(
     columns, pair_counts = [], []
     for indices in layer_indices:
         for image, (query_index, target_index) in enumerate(indices):
-            columns.append(torch.stack([torch.full_like(query_index, image), query_index, target_index + offsets[image]]))
+            image_index = torch.full_like(query_index, image)
+            columns.append(torch.stack([image_index, query_index, target_index + offsets[image]]))
         pair_counts.append(sum(len(query_index) for query_index, _ in indices))
     stacked = torch.cat(columns, dim=1) if columns else torch.zeros(3, 0, dtype=torch.int64)
     if device.type == "cuda":

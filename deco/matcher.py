@@ -88,7 +88,9 @@ class HungarianMatcher(torch.nn.Module):
                     f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
                 )
             if shape is not None and logits.shape != shape:
-                raise ValueError(f"every layer's pred_logits must have one shape; got {tuple(shape)} and {tuple(logits.shape)}")
+                raise ValueError(
+                    f"every layer's pred_logits must have one shape; got {tuple(shape)} and {tuple(logits.shape)}"
+                )
             shape = logits.shape
         batch, num_queries, num_classes = shape
         if len(targets) != batch:
@@ -120,7 +122,9 @@ class HungarianMatcher(torch.nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.match_layers([outputs], targets)[0]
 
-    def match_layers(self, layers: Sequence[dict], targets: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def match_layers(
+        self, layers: Sequence[dict], targets: list[dict]
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """:meth:`forward` for each of L layers (see :meth:`layer_cost_matrices`), with one host sync in all."""
         return [
             [_assign(cost) for cost in layer_costs] for layer_costs in self.layer_cost_matrices(layers, targets)

@@ -157,7 +157,7 @@ def test_criterion_syncs_the_host_once_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert len(syncs) == 1, [f"{w.filename}:{w.lineno}" for w in syncs]
 
 
 def test_empty_targets_give_finite_loss_with_num_boxes_clamped():

@@ -147,6 +147,7 @@ def test_bad_boxes_and_predictions_are_diagnosed():
     with pytest.raises(ValueError, match="not finite"):
         matcher({"pred_logits": nan_logits, "pred_boxes": good_boxes}, [target])
     with pytest.raises(ValueError, match="one shape"):
-        matcher.match_layers([outputs, {"pred_logits": torch.zeros(1, 4, 2), "pred_boxes": torch.full((1, 4, 4), 0.3)}], [target])
+        wider = {"pred_logits": torch.zeros(1, 4, 2), "pred_boxes": torch.full((1, 4, 4), 0.3)}
+        matcher.match_layers([outputs, wider], [target])
     with pytest.raises(ValueError, match="at least one"):
         matcher.match_layers([], [target])
