@@ -9,9 +9,9 @@ Design: each program owns BLOCK_P consecutive pixels (flat ``h * W + w``) of one
 loop does one fp32 FMA per output and tap on the shifted (halo) input tile, then mean and rstd are reduced
 over channels in registers. The kernels read x channels-last (NCHW x is copied first): the tile is pixels x
 channels with the channels contiguous, so a tap's load is coalesced over channels and a shift is one offset
-``(dh * W + dw) * C``. From NCHW x a tile holds only 4 to 8 consecutive pixels per channel (BLOCK_P), so
-each warp load would touch a line per channel: 4 to 8 times the L1 traffic at every tap, far more than the
-copy. The forward saves the per-pixel mean and rstd (B x H x W, fp32).
+``(dh * W + dw) * C``. From NCHW x a tile holds only BLOCK_P consecutive pixels per channel (4 to 8 at
+DECO's widths), so each warp load would touch a line per channel: 4 to 8 times the L1 traffic at every tap,
+far more than the copy. The forward saves the per-pixel mean and rstd (B x H x W, fp32).
 
 Backward: a kernel recomputes the conv output of a tile, applies the LayerNorm backward with the saved mean
 and rstd and writes the conv output's gradient (B x C x H x W in x's dtype and format, through its
