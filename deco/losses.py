@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from deco import distributed
 from deco.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from deco.matcher import HungarianMatcher
+from deco.matcher import HungarianMatcher, concatenated_targets
 
 __all__ = ["CLASS_LOSSES", "SetCriterion", "build_criterion", "sigmoid_focal_loss"]
 
@@ -121,8 +121,7 @@ class SetCriterion(torch.nn.Module):
         num_boxes = distributed.mean_num_boxes(sum(target_counts), device)
         # Every layer is matched separately, but all in one go: a single host sync per step.
         layer_pairs = _matched_pairs(self.matcher.match_layers(layers, targets), target_counts, device)
-        target_labels = torch.cat([t["labels"] for t in targets]).to(device, torch.int64)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
+        target_labels, target_boxes = concatenated_targets(targets, device)
         losses = {}
         for layer, (layer_outputs, pairs) in enumerate(zip(layers, layer_pairs)):
             loss_bbox, loss_giou = self.loss_boxes(layer_outputs["pred_boxes"], pairs, target_boxes, num_boxes)
@@ -155,13 +154,14 @@ def _matched_pairs(
     """The matcher's per-image ``(query_index, target_index)`` pairs of each layer as :class:`MatchedPairs`, with
     the indices of all layers in one host-to-device copy (from pinned memory on a GPU, so the host goes on)."""
     offsets = [0, *itertools.accumulate(target_counts)]
-    columns, pair_counts = [], []
+    images, queries, matched = [], [], []
     for indices in layer_indices:
         for image, (query_index, target_index) in enumerate(indices):
-            image_index = torch.full_like(query_index, image)
-            columns.append(torch.stack([image_index, query_index, target_index + offsets[image]]))
-        pair_counts.append(sum(len(query_index) for query_index, _ in indices))
-    stacked = torch.cat(columns, dim=1) if columns else torch.zeros(3, 0, dtype=torch.int64)
+            images.append(torch.full_like(query_index, image))
+            queries.append(query_index)
+            matched.append(target_index + offsets[image])
+    pair_counts = [sum(len(query_index) for query_index, _ in indices) for indices in layer_indices]
+    stacked = torch.stack([torch.cat(images), torch.cat(queries), torch.cat(matched)])
     if device.type == "cuda":
         stacked = stacked.pin_memory()
     stacked = stacked.to(device, non_blocking=True)

@@ -16,7 +16,7 @@ from scipy.optimize import linear_sum_assignment
 
 from deco.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["CLASS_COSTS", "HungarianMatcher"]
+__all__ = ["CLASS_COSTS", "HungarianMatcher", "concatenated_targets"]
 
 CLASS_COSTS = ("focal", "softmax")
 
@@ -101,10 +101,9 @@ class HungarianMatcher(torch.nn.Module):
         # ops; each image then takes its own block of columns.
         flat_logits = torch.cat([outputs["pred_logits"].flatten(0, 1) for outputs in layers]).float()
         flat_boxes = torch.cat([outputs["pred_boxes"].flatten(0, 1) for outputs in layers]).float()
-        target_labels = torch.cat([t["labels"] for t in targets]).to(device, torch.int64)
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
-        valid_target = (target_labels >= 0) & (target_labels < num_classes) & (target_boxes[:, 2:] >= 0).all(-1)
-        valid_prediction = (flat_boxes[:, 2:] >= 0).all(-1)
+        target_labels, target_boxes = concatenated_targets(targets, device)
+        valid_target = _labels_in_range(target_labels, num_classes) & _has_size(target_boxes)
+        valid_prediction = _has_size(flat_boxes)
         cost = (
             self.cost_class * self.class_cost_matrix(flat_logits, target_labels.clamp(0, num_classes - 1))
             + self.cost_bbox * torch.cdist(flat_boxes, target_boxes, p=1)
@@ -131,6 +130,22 @@ class HungarianMatcher(torch.nn.Module):
         ]
 
 
+def concatenated_targets(targets: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's target labels (N int64) and boxes (N x 4 float32) on ``device``, image after image."""
+    labels = torch.cat([t["labels"] for t in targets]).to(device, torch.int64)
+    boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
+    return labels, boxes
+
+
+def _labels_in_range(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return (labels >= 0) & (labels < num_classes)
+
+
+def _has_size(boxes: torch.Tensor) -> torch.Tensor:
+    """Per ``... x 4`` cxcywh box: width and height both >= 0."""
+    return (boxes[..., 2:] >= 0).all(-1)
+
+
 def _assign(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     query_index, target_index = linear_sum_assignment(cost.numpy())
     return torch.as_tensor(query_index, dtype=torch.int64), torch.as_tensor(target_index, dtype=torch.int64)
@@ -140,13 +155,13 @@ def _diagnose_bad_cost(layers: Sequence[dict], targets: list[dict], num_classes:
     """Raise the error that explains a non-finite matching cost (off the fast path: host syncs are fine)."""
     for image, target in enumerate(targets):
         labels = target["labels"]
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        if not _labels_in_range(labels, num_classes).all():
             raise ValueError(
                 f"target labels must lie in [0, {num_classes}); targets[{image}]['labels'] = {labels.tolist()}"
             )
-        if (target["boxes"][:, 2:] < 0).any():
+        if not _has_size(target["boxes"]).all():
             raise ValueError(f"targets[{image}]['boxes'] holds a box of negative width or height (expected cxcywh)")
     for outputs in layers:
-        if (outputs["pred_boxes"][..., 2:] < 0).any():
+        if not _has_size(outputs["pred_boxes"]).all():
             raise ValueError("pred_boxes holds a box of negative width or height (expected cxcywh)")
     raise ValueError("the matching cost holds NaN or inf: the predictions are not finite")
