@@ -8,6 +8,7 @@ on ``PATH``, else ``/usr/local/cuda``); otherwise the package installs without i
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -65,6 +66,14 @@ def gencode_flags(arch_list: str) -> list[str]:
     return flags
 
 
+def csrc_digest() -> str:
+    """deco_kernels/_source_digest.py's digest of csrc/, loaded by path (the package needs the module built)."""
+    spec = importlib.util.spec_from_file_location("_source_digest", ROOT / "deco_kernels" / "_source_digest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(ROOT / "csrc")
+
+
 def cuda_extension_or_reason():
     """(ext_modules, cmdclass) for the extension, or a string saying why it is not built."""
     try:
@@ -88,7 +97,8 @@ def cuda_extension_or_reason():
         sources=sources,
         include_dirs=[str(csrc)],
         extra_compile_args={
-            "cxx": ["-O3"],
+            # bindings.cpp stores the digest in the module, so that deco_kernels._cuda can refuse a stale build.
+            "cxx": ["-O3", f"-DDECO_KERNELS_SOURCE_DIGEST={csrc_digest()}"],
             # No --use_fast_math: flushing denormals and approximate division would make the GPU results differ
             # from the CPU builds that CI tests, and the average pools divide.
             "nvcc": ["-O3", "-lineinfo", *gencode_flags(arch_list)],

@@ -60,5 +60,16 @@ TORCH_LIBRARY_IMPL(deco_kernels_C, CUDA, m) { DECO_REGISTER_CONV_LAYERNORM_PRIMI
 
 TORCH_LIBRARY_IMPL(deco_kernels_C, CPU, m) { DECO_REGISTER_CONV_LAYERNORM_PRIMITIVES(deco::cpu) }
 
-// Importing deco_kernels._C runs the registrations above; the module itself has no attributes.
-PYBIND11_MODULE(_C, module) { module.doc() = "deco_kernels CUDA/CPU primitives: see torch.ops.deco_kernels_C"; }
+// The digest of the csrc/ files this module was built from (deco_kernels/_source_digest.py), defined by setup.py
+// and CMakeLists.txt: deco_kernels._cuda refuses a module built from other sources than those beside it.
+#ifndef DECO_KERNELS_SOURCE_DIGEST
+#error "build deco_kernels._C with setup.py or CMakeLists.txt, which define DECO_KERNELS_SOURCE_DIGEST"
+#endif
+#define DECO_STRINGIFY_TOKEN(token) #token
+#define DECO_STRINGIFY(macro) DECO_STRINGIFY_TOKEN(macro)
+
+// Importing deco_kernels._C runs the registrations above; the module's one attribute is its source digest.
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "deco_kernels CUDA/CPU primitives: see torch.ops.deco_kernels_C";
+  module.attr("source_digest") = DECO_STRINGIFY(DECO_KERNELS_SOURCE_DIGEST);
+}

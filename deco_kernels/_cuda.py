@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+from deco_kernels._source_digest import source_digest
 
 __all__ = [
     "adaptive_avg_pool2d_backward",
@@ -37,10 +40,27 @@ __all__ = [
 @functools.cache
 def _load():
     try:
-        from deco_kernels import _C  # noqa: F401  (importing registers the torch.ops.deco_kernels_C ops)
+        from deco_kernels import _C  # importing registers the torch.ops.deco_kernels_C ops
     except ImportError as error:
         return error
-    return None
+    return _stale_build_error(_C)
+
+
+def _stale_build_error(module) -> ImportError | None:
+    """An error when ``module`` was built from other csrc/ sources than those beside the package, else None.
+
+    An installed copy without its sources (no csrc/ beside the package) has nothing to compare with.
+    """
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    if not (csrc / "bindings.cpp").is_file():
+        return None
+    built, present = getattr(module, "source_digest", None), source_digest(csrc)
+    if built == present:
+        return None
+    return ImportError(
+        f"{module.__file__} is out of date: it was built from other sources than {csrc} "
+        f"(its source digest {built[:12] if built else 'is missing'}, the sources' {present[:12]})"
+    )
 
 
 def is_available() -> bool:

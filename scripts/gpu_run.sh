@@ -2,7 +2,7 @@
 # The whole GPU session of deco-kernels: environment report, build, CUDA tests of both backends,
 # microbenchmarks, end-to-end benchmarks. Run from the repository root with $OUT set (the device tool sets it):
 #
-#   bash scripts/gpu_run.sh build test     # one device call (< 10 minutes)
+#   bash scripts/gpu_run.sh test           # one device call (< 10 minutes); builds first unless a module is carried
 #   bash scripts/gpu_run.sh bench          # one device call; repeat it to continue (below)
 #   bash scripts/gpu_run.sh e2e            # one device call; repeat it to continue
 #   bash scripts/gpu_run.sh autotune       # optional: torch.compile max-autotune baselines on the target shapes
@@ -10,9 +10,10 @@
 #                                          # needs pycocotools: run scripts/device_wheels.sh here, carry .whl
 #   bash scripts/gpu_run.sh all            # everything in order (only where no 10-minute limit applies)
 #
-# Every call prints the environment first and builds the CUDA extension if this machine has no build of it
-# (a fresh machine is bare; the build step returns the module, deco_kernels/_C.cpython-*.so: carry it in later
-# calls to skip the build). Each step runs under `timeout`, bounded by what is left of GPU_RUN_BUDGET_S
+# Every call prints the environment first and builds the CUDA extension if this machine has no build of it from
+# these sources (a fresh machine is bare). Carry the module, deco_kernels/_C.cpython-312-*.so, to skip the build:
+# scripts/device_module.sh builds it on the CPU machine for the GPU machine's Python and torch, and the build
+# step returns the one it built. A module built from other csrc/ sources is refused and rebuilt. Each step runs under `timeout`, bounded by what is left of GPU_RUN_BUDGET_S
 # (default 570 s) since the script started, so one call stays inside the device tool's 10 minutes.
 # The benchmarks write their JSON after every measurement and measure the rows the speed targets need first, so
 # a step cut off keeps what matters. Results accumulate across calls: copy the JSON files a call brought back
@@ -71,8 +72,9 @@ step_env() {
     } 2>&1 | tee "$OUT/env.txt"
 }
 
-extension_imports() {
-    python -c 'import deco_kernels._C' 2>/dev/null
+# The module imports and was built from this checkout's csrc/ (deco_kernels._cuda compares the source digest).
+extension_ready() {
+    python -c 'import sys; from deco_kernels import _cuda; _cuda.is_available() or sys.exit(_cuda.load_error())'
 }
 
 step_build() {
@@ -92,8 +94,12 @@ step_build() {
         local module
         module=$(python -c 'import deco_kernels._C as m; print(m.__file__)' 2>/dev/null) && cp "$module" "$OUT/"
     fi
+    check_imports
+}
+
+check_imports() {
     # The import check every later step relies on: nothing here may import pycocotools (absent on this machine).
-    python - <<'EOF' 2>&1 | tee -a "$OUT/build.log"
+    python - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
 import sys
 import deco_kernels, deco.models, deco.losses, deco.matcher, deco.models.detr
 import benchmarks.e2e, benchmarks.report, benchmarks.check_targets, benchmarks.providers
@@ -106,8 +112,9 @@ EOF
 }
 
 ensure_build() {
-    if extension_imports; then
-        note "deco_kernels._C already built"
+    if extension_ready; then
+        note "deco_kernels._C already built from these sources"
+        check_imports
     else
         step_build
     fi
@@ -197,7 +204,7 @@ for step in "${steps[@]}"; do
         autotune) step_autotune ;;
         e2e) step_e2e ;;
         demo) step_demo ;;
-        all) step_build; step_test; step_bench; step_e2e; step_autotune ;;
+        all) step_test; step_bench; step_e2e; step_autotune ;;
         *) echo "unknown step '$step'; expected build, test, bench, e2e, autotune, demo or all" >&2; exit 2 ;;
     esac
 done

@@ -18,6 +18,8 @@ import pytest
 import torch
 from test_cuda_build import ARCHES, sass_arches
 
+from deco_kernels._source_digest import source_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
@@ -69,8 +71,11 @@ def test_cmake_builds_a_working_module_for_sm80_and_sm90a(tmp_path):
     assert arches == sorted(ARCHES), f"SASS for {arches}, expected {ARCHES}"
 
     check = f"""
-import torch, torch.nn.functional as F
-torch.ops.load_library({str(module)!r})
+import importlib.util, torch, torch.nn.functional as F
+spec = importlib.util.spec_from_file_location("_C", {str(module)!r})
+built = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(built)
+print(built.source_digest)
 x = torch.randn(2, 5, 7, 9)
 weight, bias = torch.randn(5, 1, 3, 7), torch.randn(5)
 y = torch.ops.deco_kernels_C.depthwise_conv2d_forward(x, weight, bias)
@@ -79,4 +84,6 @@ print(float((y.double() - expected).abs().max() / expected.abs().max().clamp(min
 """
     loaded = subprocess.run([sys.executable, "-c", check], check=False, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert float(loaded.stdout.split()[-1]) <= 2e-5, f"CMake-built depthwise conv differs: {loaded.stdout}"
+    digest, error = loaded.stdout.split()[-2:]
+    assert digest == source_digest(ROOT / "csrc"), "the CMake-built module records another source digest"
+    assert float(error) <= 2e-5, f"CMake-built depthwise conv differs: {loaded.stdout}"

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from deco_kernels import _cuda
+from deco_kernels._source_digest import source_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHES = ("sm_80", "sm_90a")
@@ -90,8 +91,11 @@ def _extension_path() -> Path:
     return Path(_C.__file__)
 
 
-def test_extension_was_built_and_registers_the_primitives():
+def test_extension_was_built_from_these_sources_and_registers_the_primitives():
     _extension_path()
+    from deco_kernels import _C
+
+    assert _C.source_digest == source_digest(ROOT / "csrc")
     for name in PRIMITIVES:
         assert hasattr(torch.ops.deco_kernels_C, name), f"torch.ops.deco_kernels_C.{name} is not registered"
         assert callable(getattr(_cuda, name))
