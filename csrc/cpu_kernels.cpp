@@ -49,9 +49,8 @@ struct CpuBackend {
   }
 
   template <typename T, class Source>
-  static void weight_grad_partials(const ConvShape& s, const Source& in, const TensorSource<T>& grad_out,
-                                   float* partials) {
-    const GradTiling tiling = make_grad_tiling(s);
+  static void weight_grad_partials(const ConvShape& s, const GradTiling& tiling, const Source& in,
+                                   const TensorSource<T>& grad_out, const GradPartials& partials) {
     const GradWork work = make_grad_work(s);
     const int in_rows = grad_input_rows(s.kh), in_cols = grad_input_cols(s.kw), pitch = grad_input_pitch(s.kw);
     const int taps_with_bias = s.kh * s.kw + 1;
@@ -69,8 +68,8 @@ struct CpuBackend {
         const int rows = std::min(kGradTileH, s.height - h0), cols = std::min(kGradTileW, s.width - w0);
         for (int thread = 0; thread < kGradThreads; ++thread)
           weight_grad_thread_sums(gy_tile.data(), in_tile.data(), s, work, rows, cols, thread, sums.data());
-        float* block_partials = partials + (static_cast<int64_t>(c) * tiling.tiles + tile) * taps_with_bias;
-        for (int t = 0; t < taps_with_bias; ++t) block_partials[t] = weight_grad_tap_sum(sums.data(), s, work, t);
+        for (int t = 0; t < taps_with_bias; ++t)
+          partials.data[partials.at(tile, c, t)] = weight_grad_tap_sum(sums.data(), s, work, t);
       }
     }
   }

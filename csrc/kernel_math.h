@@ -310,13 +310,16 @@ constexpr int kWarp = 32;
 constexpr int kGradOutPitch = kGradTileW + 1;
 
 struct GradTiling {
+  int tile_h, tile_w;           // pixels of a tile (NCHW: kGradTileH x kGradTileW; channels-last: ...CL)
   int tiles_h, tiles_w, tiles;  // per-channel tile count over batch x rows x columns
 };
 
-DECO_HD GradTiling make_grad_tiling(const ConvShape& s) {
+DECO_HD GradTiling make_grad_tiling(const ConvShape& s, int tile_h, int tile_w) {
   GradTiling g;
-  g.tiles_h = (s.height + kGradTileH - 1) / kGradTileH;
-  g.tiles_w = (s.width + kGradTileW - 1) / kGradTileW;
+  g.tile_h = tile_h;
+  g.tile_w = tile_w;
+  g.tiles_h = (s.height + tile_h - 1) / tile_h;
+  g.tiles_w = (s.width + tile_w - 1) / tile_w;
   g.tiles = s.batch * g.tiles_h * g.tiles_w;
   return g;
 }
@@ -324,8 +327,35 @@ DECO_HD GradTiling make_grad_tiling(const ConvShape& s) {
 DECO_HD void grad_tile_origin(const GradTiling& g, int tile, int& b, int& h0, int& w0) {
   b = tile / (g.tiles_h * g.tiles_w);
   const int rest = tile % (g.tiles_h * g.tiles_w);
-  h0 = (rest / g.tiles_w) * kGradTileH;
-  w0 = (rest % g.tiles_w) * kGradTileW;
+  h0 = (rest / g.tiles_w) * g.tile_h;
+  w0 = (rest % g.tiles_w) * g.tile_w;
+}
+
+// The per-tile partial sums of the weight gradient, fp32: partial (tile, channel c, tap t; t == kh * kw is the
+// bias) at data[at(tile, c, t)]. Channel-major (one NCHW block writes one channel's taps of a tile together) or
+// channel-fastest (the channels-last threads of a warp write consecutive channels).
+struct GradPartials {
+  float* data;
+  bool channel_fastest;
+  int64_t tile_stride, channel_stride, tap_stride;
+  DECO_HD int64_t at(int tile, int c, int t) const { return tile * tile_stride + c * channel_stride + t * tap_stride; }
+};
+
+DECO_HD GradPartials make_grad_partials(float* data, const GradTiling& g, int channels, int taps_with_bias,
+                                        bool channel_fastest) {
+  GradPartials p;
+  p.data = data;
+  p.channel_fastest = channel_fastest;
+  if (channel_fastest) {
+    p.tile_stride = static_cast<int64_t>(taps_with_bias) * channels;
+    p.channel_stride = 1;
+    p.tap_stride = channels;
+  } else {
+    p.tile_stride = taps_with_bias;
+    p.channel_stride = static_cast<int64_t>(g.tiles) * taps_with_bias;
+    p.tap_stride = 1;
+  }
+  return p;
 }
 
 // How a block's threads share the taps: `units` = kh x `chunks` (units <= 31 x 4, so groups >= 2 for the
@@ -378,6 +408,34 @@ DECO_HD void weight_grad_strip_tap(const float (&g)[kGradStrip], const float (&w
   for (int k = 0; k < kGradStrip; ++k) sum = fmaf(g[k], window[k + q], sum);
 }
 
+// One strip's products for a chunk of `taps` taps: acc[q] += sum_k g[k] * input(k + q), where input(k) is the
+// k-th input the strip meets from the chunk's first tap column, read once into the window.
+template <class Input>
+DECO_HD void weight_grad_strip(const float (&g)[kGradStrip], const Input& input, int taps, float (&acc)[kGradChunk]) {
+  float window[kGradWindow];
+  // A whole chunk (every 9-wide kernel) runs without per-tap bound checks; a shorter one checks.
+  if (taps == kGradChunk) {
+    DECO_UNROLL
+    for (int k = 0; k < kGradWindow; ++k) window[k] = input(k);
+    DECO_UNROLL
+    for (int q = 0; q < kGradChunk; ++q) weight_grad_strip_tap(g, window, q, acc[q]);
+  } else {
+    DECO_UNROLL
+    for (int k = 0; k < kGradWindow; ++k) window[k] = k < kGradStrip - 1 + taps ? input(k) : 0.0f;
+    DECO_UNROLL
+    for (int q = 0; q < kGradChunk; ++q) {
+      if (q == taps) break;
+      weight_grad_strip_tap(g, window, q, acc[q]);
+    }
+  }
+}
+
+// A strip's inputs in a row of the shared (on the CPU: local) input tile, from the chunk's first tap column.
+struct TileRowInput {
+  const float* row;
+  DECO_HD float operator()(int k) const { return row[k]; }
+};
+
 // Thread `thread`'s sums over its strips, written to sums[thread * kGradSlots + q]: slot q < chunk_width holds
 // tap (i, j0 + q) of its unit, slot kGradChunk sum(gy) (threads of unit 0, which between them see every strip).
 // `rows` x `cols` is the part of the tile inside the image. Threads beyond units x groups write nothing.
@@ -394,25 +452,10 @@ DECO_HD void weight_grad_thread_sums(const float* gy_tile, const float* in_tile,
     const int row = strip / kGradStripsPerRow, col0 = (strip % kGradStripsPerRow) * kGradStrip;
     if (row >= rows || col0 >= cols) continue;
     const float* gy_row = gy_tile + row * kGradOutPitch + col0;
-    const float* in_row = in_tile + (row + i) * pitch + col0 + j0;
-    float g[kGradStrip], window[kGradWindow];
+    float g[kGradStrip];
     DECO_UNROLL
     for (int k = 0; k < kGradStrip; ++k) g[k] = gy_row[k];
-    // A whole chunk (every 9-wide kernel) runs without per-tap bound checks; a shorter one checks.
-    if (taps == kGradChunk) {
-      DECO_UNROLL
-      for (int k = 0; k < kGradWindow; ++k) window[k] = in_row[k];
-      DECO_UNROLL
-      for (int q = 0; q < kGradChunk; ++q) weight_grad_strip_tap(g, window, q, acc[q]);
-    } else {
-      DECO_UNROLL
-      for (int k = 0; k < kGradWindow; ++k) window[k] = k < kGradStrip - 1 + taps ? in_row[k] : 0.0f;
-      DECO_UNROLL
-      for (int q = 0; q < kGradChunk; ++q) {
-        if (q == taps) break;
-        weight_grad_strip_tap(g, window, q, acc[q]);
-      }
-    }
+    weight_grad_strip(g, TileRowInput{in_tile + (row + i) * pitch + col0 + j0}, taps, acc);
     if (unit == 0) {
       DECO_UNROLL
       for (int k = 0; k < kGradStrip; ++k) gy_sum += g[k];
@@ -439,10 +482,9 @@ DECO_HD float weight_grad_tap_sum(const float* sums, const ConvShape& s, const G
 }
 
 // Fixed-order sum of the per-tile partials of (channel c, tap t).
-DECO_HD float weight_grad_total(const float* partials, const GradTiling& g, int taps_with_bias, int c, int t) {
-  const float* p = partials + static_cast<int64_t>(c) * g.tiles * taps_with_bias + t;
+DECO_HD float weight_grad_total(const GradPartials& partials, int tiles, int c, int t) {
   float sum = 0.0f;
-  for (int tile = 0; tile < g.tiles; ++tile) sum += p[static_cast<int64_t>(tile) * taps_with_bias];
+  for (int tile = 0; tile < tiles; ++tile) sum += partials.data[partials.at(tile, c, t)];
   return sum;
 }
 
@@ -623,17 +665,86 @@ struct ConvDirectOp {
   }
 };
 
-// Element e = c * (kh * kw + 1) + t: the total of tap t (t == kh * kw: the bias) over all tiles.
+// Channels-last weight and bias gradients, one thread per (tile, unit, channel): element
+// e = (tile * units + unit) * C + c, so consecutive threads take consecutive channels and each read of a warp is
+// one line of the NHWC tensors; no shared-memory staging and no NCHW copy. A thread sums its unit's taps
+// (GradWork) over every strip of kGradStrip pixels of its kGradTileHCL x kGradTileWCL tile of one image with
+// the NCHW threads' register window (weight_grad_strip), reading through the cache. Each (tile, channel, tap)
+// has one owner, so its partial is written, not reduced; unit 0 also sums grad y (the bias).
+constexpr int kGradTileHCL = 16;
+constexpr int kGradTileWCL = 32;
+static_assert(kGradTileWCL % kGradStrip == 0, "strips must not cross channels-last tiles");
+
+// A strip's inputs read straight from the source: tap row `row` of `reader`, from column col0. The reader is held
+// by value: a reference would give it an address, and ptxas then kept it on the stack.
+template <class Source>
+struct DirectRowInput {
+  DirectReader<Source> reader;
+  int row, col0;
+  DECO_HD float operator()(int k) const { return reader(row, col0 + k); }
+};
+
+template <typename T, class Source>
+struct WeightGradDirectOp {
+  // Two resident blocks of 256 threads per SM as the CUDA launch's stated minimum (up to 128 registers; it takes
+  // 64-85): with no minimum ptxas held the upsampled source's variant to 64 registers and spilled.
+  static constexpr int kMinBlocksPerSM = 2;
+  ConvShape s;
+  GradTiling tiling;  // kGradTileHCL x kGradTileWCL tiles
+  GradWork work;
+  Source in;
+  TensorSource<T> grad_out;
+  GradPartials partials;  // channel-fastest
+  DECO_HD int64_t size() const { return static_cast<int64_t>(tiling.tiles) * work.units * s.channels; }
+  DECO_HD void operator()(int64_t e) const {
+    const int c = static_cast<int>(e % s.channels);
+    e /= s.channels;
+    const int unit = static_cast<int>(e % work.units), tile = static_cast<int>(e / work.units);
+    int b, h0, w0;
+    grad_tile_origin(tiling, tile, b, h0, w0);
+    const int i = unit / work.chunks, j0 = (unit % work.chunks) * work.chunk_width;
+    const int taps = s.kw - j0 < work.chunk_width ? s.kw - j0 : work.chunk_width;
+    const int rows = s.height - h0 < tiling.tile_h ? s.height - h0 : tiling.tile_h;
+    const int cols = s.width - w0 < tiling.tile_w ? s.width - w0 : tiling.tile_w;
+    // grad y of the tile's pixels (zero beyond the image), and the input at tap (i, j0) of each of them.
+    const DirectReader<TensorSource<T>> gy{grad_out, s, b, c, h0, w0};
+    const DirectReader<Source> input{in, s, b, c, h0 + i - s.kh / 2, w0 + j0 - s.kw / 2};
+    float acc[kGradChunk] = {};
+    float gy_sum = 0.0f;
+    for (int row = 0; row < rows; ++row) {
+      for (int col0 = 0; col0 < cols; col0 += kGradStrip) {
+        float g[kGradStrip];
+        DECO_UNROLL
+        for (int k = 0; k < kGradStrip; ++k) g[k] = gy(row, col0 + k);
+        weight_grad_strip(g, DirectRowInput<Source>{input, row, col0}, taps, acc);
+        if (unit == 0) {
+          DECO_UNROLL
+          for (int k = 0; k < kGradStrip; ++k) gy_sum += g[k];
+        }
+      }
+    }
+    DECO_UNROLL
+    for (int q = 0; q < kGradChunk; ++q) {
+      if (q == taps) break;
+      partials.data[partials.at(tile, c, i * s.kw + j0 + q)] = acc[q];
+    }
+    if (unit == 0) partials.data[partials.at(tile, c, s.kh * s.kw)] = gy_sum;
+  }
+};
+
+// Element e: the total of (channel c, tap t) over all tiles (t == kh * kw: the bias), numbered as the partials
+// are laid out -- e = t * C + c for channel-fastest partials, else e = c * (kh * kw + 1) + t -- so that
+// consecutive threads read consecutive partials.
 struct WeightGradReduceOp {
-  const float* partials;
-  GradTiling tiling;
-  int channels, taps;
+  GradPartials partials;
+  int tiles, channels, taps;
   float* grad_weight;  // C x taps
   float* grad_bias;    // C
   DECO_HD int64_t size() const { return static_cast<int64_t>(channels) * (taps + 1); }
   DECO_HD void operator()(int64_t e) const {
-    const int c = static_cast<int>(e / (taps + 1)), t = static_cast<int>(e % (taps + 1));
-    const float total = weight_grad_total(partials, tiling, taps + 1, c, t);
+    const int c = static_cast<int>(partials.channel_fastest ? e % channels : e / (taps + 1));
+    const int t = static_cast<int>(partials.channel_fastest ? e / channels : e % (taps + 1));
+    const float total = weight_grad_total(partials, tiles, c, t);
     if (t < taps)
       grad_weight[static_cast<int64_t>(c) * taps + t] = total;
     else

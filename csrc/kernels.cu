@@ -12,7 +12,9 @@
 // - Weight/bias gradient: per (channel, 32 x 32 tile) partial sums of every tap from shared-memory tiles;
 //   a thread owns a tap row (or a chunk of it) and strips of 8 pixels, sliding a register window of inputs
 //   along the row; the threads' sums are added in a fixed order per tile, then over tiles: deterministic,
-//   no atomics. Channels-last activations are read from NCHW copies (a block stages one channel).
+//   no atomics. Channels-last: the same per-thread work with consecutive threads on consecutive channels,
+//   read through the cache (16 x 32 tiles, one thread per tile, tap chunk and channel; nothing to reduce
+//   within a tile).
 // - Pools and the query gradient: one thread per output element; backward passes are gathers.
 // - CIM back end (max pool of z + gamma * ffn, B x H x W x C): one thread per pooled element, c fastest so a
 //   warp reads consecutive channels; its gamma gradient sums grad_y * ffn[argmax] per (32-position split,
@@ -25,6 +27,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <type_traits>
+
 #include "ops.h"
 #include "ops_host.h"
 
@@ -33,8 +37,19 @@ namespace {
 
 constexpr int kElementThreads = 256;
 
+// The resident blocks per SM an element-wise op states as its __launch_bounds__ minimum (Op::kMinBlocksPerSM),
+// which sets ptxas's register budget; 0, where an op states none, is the same as no minimum.
+template <class Op, class = void>
+struct MinBlocksPerSM {
+  static constexpr int value = 0;
+};
 template <class Op>
-__global__ void __launch_bounds__(kElementThreads) for_each_kernel(const Op op, int64_t n) {
+struct MinBlocksPerSM<Op, std::void_t<decltype(Op::kMinBlocksPerSM)>> {
+  static constexpr int value = Op::kMinBlocksPerSM;
+};
+
+template <class Op>
+__global__ void __launch_bounds__(kElementThreads, MinBlocksPerSM<Op>::value) for_each_kernel(const Op op, int64_t n) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e < n) op(e);
 }
@@ -70,7 +85,7 @@ constexpr int kGradMinBlocks = 4;
 template <typename T, class Source>
 __global__ void __launch_bounds__(kGradThreads, kGradMinBlocks)
     weight_grad_partials_kernel(const ConvShape s, const GradTiling tiling, const GradWork work, const Source in,
-                                const TensorSource<T> grad_out, float* __restrict__ partials) {
+                                const TensorSource<T> grad_out, const GradPartials partials) {
   extern __shared__ float shared[];
   const int in_rows = grad_input_rows(s.kh), in_cols = grad_input_cols(s.kw), pitch = grad_input_pitch(s.kw);
   float* gy_tile = shared;
@@ -89,10 +104,8 @@ __global__ void __launch_bounds__(kGradThreads, kGradMinBlocks)
   weight_grad_thread_sums(gy_tile, in_tile, s, work, min(kGradTileH, s.height - h0), min(kGradTileW, s.width - w0),
                           threadIdx.x, sums);
   __syncthreads();
-  const int taps_with_bias = s.kh * s.kw + 1;
-  float* block_partials = partials + static_cast<int64_t>(blockIdx.x) * taps_with_bias;
-  for (int t = threadIdx.x; t < taps_with_bias; t += kGradThreads)
-    block_partials[t] = weight_grad_tap_sum(sums, s, work, t);
+  for (int t = threadIdx.x; t <= s.kh * s.kw; t += kGradThreads)
+    partials.data[partials.at(tile, c, t)] = weight_grad_tap_sum(sums, s, work, t);
 }
 
 // depthwise_conv2d_layernorm (kernel_math.h): one block per tile of pixels x all channels, the tile's fp32
@@ -194,9 +207,8 @@ struct CudaBackend {
   }
 
   template <typename T, class Source>
-  static void weight_grad_partials(const ConvShape& s, const Source& in, const TensorSource<T>& grad_out,
-                                   float* partials) {
-    const GradTiling tiling = make_grad_tiling(s);
+  static void weight_grad_partials(const ConvShape& s, const GradTiling& tiling, const Source& in,
+                                   const TensorSource<T>& grad_out, const GradPartials& partials) {
     const int64_t blocks = static_cast<int64_t>(s.channels) * tiling.tiles;
     const size_t shared_bytes = sizeof(float) * grad_shared_floats(s);  // <= 29 KB (31 x 31)
     weight_grad_partials_kernel<T><<<blocks, kGradThreads, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(

@@ -4,7 +4,7 @@
 //   Backend::Guard                      device guard constructed from the inputs' device
 //   Backend::for_each(op)               op(e) for e in [0, op.size())  (the element-wise passes)
 //   Backend::conv_tiled<T>(s, in, weights, epilogue, out, layout)       the NCHW shared-memory conv pass
-//   Backend::weight_grad_partials<T>(s, in, grad_out, partials)         per-tile weight/bias gradient sums
+//   Backend::weight_grad_partials<T>(s, tiling, in, grad_out, partials)  NCHW per-tile weight/bias gradient sums
 #pragma once
 
 #include <ATen/ATen.h>
@@ -158,10 +158,10 @@ struct Ops {
   }
 
   // grad weight (C x 1 x kh x kw) and grad bias (C), float32, summed over a batch of `in` and `grad_out`, both
-  // read as NCHW: a block stages one channel's tiles, and from channels-last memory each of a warp's reads
-  // would touch 32 lines (the callers pass NCHW copies of channels-last activations).
+  // in the format `channels_last` says: NCHW blocks stage one channel's tiles in shared memory, channels-last
+  // threads take consecutive channels and read the tensors where they are (WeightGradDirectOp).
   template <typename T, class Source>
-  static std::pair<at::Tensor, at::Tensor> weight_grad(const ConvShape& s, const Source& in,
+  static std::pair<at::Tensor, at::Tensor> weight_grad(const ConvShape& s, bool channels_last, const Source& in,
                                                        const TensorSource<T>& grad_out, const at::Tensor& like) {
     const auto options = like.options().dtype(at::kFloat);
     at::Tensor grad_weight = at::empty({s.channels, 1, s.kh, s.kw}, options);
@@ -172,14 +172,20 @@ struct Ops {
       return {grad_weight, grad_bias};
     }
     if (s.channels == 0) return {grad_weight, grad_bias};
-    const GradTiling tiling = make_grad_tiling(s);
+    const GradTiling tiling = channels_last ? make_grad_tiling(s, kGradTileHCL, kGradTileWCL)
+                                            : make_grad_tiling(s, kGradTileH, kGradTileW);
     const int taps = s.kh * s.kw;
     TORCH_CHECK(static_cast<int64_t>(s.channels) * tiling.tiles <= INT_MAX,
                 "too many (channel, tile) blocks for the weight gradient: ", s.channels, " x ", tiling.tiles);
-    at::Tensor partials = at::empty({static_cast<int64_t>(s.channels) * tiling.tiles * (taps + 1)}, options);
-    Backend::template weight_grad_partials<T>(s, in, grad_out, partials.data_ptr<float>());
-    Backend::for_each(WeightGradReduceOp{partials.data_ptr<float>(), tiling, s.channels, taps,
-                                         grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>()});
+    at::Tensor partials_storage = at::empty({static_cast<int64_t>(s.channels) * tiling.tiles * (taps + 1)}, options);
+    const GradPartials partials =
+        make_grad_partials(partials_storage.data_ptr<float>(), tiling, s.channels, taps + 1, channels_last);
+    if (channels_last)
+      Backend::for_each(WeightGradDirectOp<T, Source>{s, tiling, make_grad_work(s), in, grad_out, partials});
+    else
+      Backend::template weight_grad_partials<T>(s, tiling, in, grad_out, partials);
+    Backend::for_each(WeightGradReduceOp{partials, tiling.tiles, s.channels, taps, grad_weight.data_ptr<float>(),
+                                         grad_bias.data_ptr<float>()});
     return {grad_weight, grad_bias};
   }
 
@@ -221,11 +227,9 @@ struct Ops {
         grad_x = at::empty_like(xc, memory_format(cl));
         conv<scalar_t>(s, cl, source_of<scalar_t>(gyc, cl), w, true, BiasEpilogue{nullptr}, grad_x);
       }
-      if (output_mask[1] || output_mask[2]) {
-        const at::Tensor xn = xc.contiguous(), gyn = gyc.contiguous();
+      if (output_mask[1] || output_mask[2])
         std::tie(grad_weight, grad_bias) =
-            weight_grad<scalar_t>(s, source_of<scalar_t>(xn, false), source_of<scalar_t>(gyn, false), xc);
-      }
+            weight_grad<scalar_t>(s, cl, source_of<scalar_t>(xc, cl), source_of<scalar_t>(gyc, cl), xc);
     });
     return {grad_x, output_mask[1] ? grad_weight : at::Tensor(), output_mask[2] ? grad_bias : at::Tensor()};
   }
@@ -299,11 +303,8 @@ struct Ops {
                                                   source_of<scalar_t>(grad_sum, cl), gy, grad_query.data_ptr<scalar_t>(),
                                                   layout_of(qc, cl)});
       }
-      if (output_mask[2] || output_mask[3]) {
-        const at::Tensor qn = qc.contiguous(), mn = mc.contiguous(), gyn = gyc.contiguous();
-        std::tie(grad_weight, grad_bias) =
-            weight_grad<scalar_t>(s, upsample_sum<scalar_t>(qn, mn, false), source_of<scalar_t>(gyn, false), mc);
-      }
+      if (output_mask[2] || output_mask[3])
+        std::tie(grad_weight, grad_bias) = weight_grad<scalar_t>(s, cl, upsample_sum<scalar_t>(qc, mc, cl), gy, mc);
     });
     return {grad_query, output_mask[1] ? grad_sum : at::Tensor(), output_mask[2] ? grad_weight : at::Tensor(),
             output_mask[3] ? grad_bias : at::Tensor()};

@@ -11,8 +11,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python312=${DEVICE_PYTHON:-$(command -v python3.12 || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V | tail -1 || true)}
-[[ -n $python312 && -x $python312 ]] || { echo "no Python 3.12 found: set DEVICE_PYTHON" >&2; exit 1; }
+# The first candidate that runs and is 3.12 (a pyenv shim on PATH may exist and still fail to run).
+python312=
+for candidate in ${DEVICE_PYTHON:-python3.12 $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -rV)}; do
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+        python312=$candidate
+        break
+    fi
+done
+[[ -n $python312 ]] || { echo "no working Python 3.12 found${DEVICE_PYTHON:+ (DEVICE_PYTHON=$DEVICE_PYTHON)}: set DEVICE_PYTHON" >&2; exit 1; }
 venv=${DEVICE_VENV:-/tmp/deco-device-py312}
 [[ -x $venv/bin/python ]] || "$python312" -m venv "$venv"
 "$venv/bin/python" -m pip install -q "${DEVICE_TORCH:-torch==2.11.*}" setuptools ninja pybind11 numpy

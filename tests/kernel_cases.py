@@ -33,7 +33,8 @@ LAYOUTS = ("contiguous", "channels_last", "strided")
 
 # (B, C, H, W, kh, kw): odd H and W, H or W of 1, maps smaller than the kernel, C not a multiple of any
 # block size, B of 1 and 3, kernels 1, 3, 7, 9, 13, 31 and rectangular, and maps spanning several tiles of
-# the CUDA kernels (16 x 64 conv, 32 x 32 weight gradient) with partial tiles on both axes.
+# the CUDA kernels (16 x 64 conv, 32 x 32 NCHW and 16 x 32 channels-last weight gradient) with partial tiles on
+# both axes.
 DEPTHWISE_CASES = [
     (1, 1, 5, 5, 1, 1),
     (3, 5, 7, 9, 3, 3),

@@ -49,6 +49,7 @@ KERNEL_FAMILIES = {
     "conv_tiled_kernel": 6,
     "weight_grad_partials_kernel": 6,
     "ConvDirectOp": 6,
+    "WeightGradDirectOp": 6,
     "WeightGradReduceOp": 1,
     "QueryGradOp": 3,
     "MaxPoolForwardOp": 3,

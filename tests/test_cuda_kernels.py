@@ -145,8 +145,9 @@ def test_depthwise_conv2d_empty_batch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_weight_grads_are_deterministic(device):
-    x = make_input((3, 4, 37, 70), torch.float32, "contiguous", device)  # several gradient tiles per image
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_grads_are_deterministic(layout, device):
+    x = make_input((3, 4, 37, 70), torch.float32, layout, device)  # several gradient tiles per image
     weight, _ = _parameters(4, 9, 9, device)
     grad_y = torch.randn_like(x)
     first = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True, True, True])
@@ -158,6 +159,42 @@ def test_weight_grads_are_deterministic(device):
     second = _cuda.upsample_add_conv_backward(grad_y, query, x, weight, [True] * 4)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _activation_copies(run, shape) -> list[str]:
+    """The copy ops ``run()`` makes of a tensor of ``shape`` (as the profiler records them inside the primitives)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        run()
+    return [event.name for event in profile.events()
+            if event.name in ("aten::copy_", "aten::clone", "aten::_to_copy")
+            and any(list(input_shape) == list(shape) for input_shape in event.input_shapes)]
+
+
+@pytest.mark.parametrize("op", ["depthwise_conv2d", "upsample_add_conv", "depthwise_conv2d_layernorm"])
+def test_channels_last_backward_copies_no_activation(op):
+    """Channels-last x, memory and grad y are read where they are, the weight gradient included."""
+    shape = (2, 6, 9, 11)
+    x, grad_y = (make_input(shape, torch.float32, "channels_last") for _ in range(2))
+    weight, bias = _parameters(6, 7, 7, "cpu")
+    if op == "depthwise_conv2d":
+        def run():
+            _cuda.depthwise_conv2d_backward(grad_y, x, weight, [True] * 3)
+    elif op == "upsample_add_conv":
+        query = make_input((2, 6, 4, 5), torch.float32, "channels_last")
+
+        def run():
+            _cuda.upsample_add_conv_backward(grad_y, query, x, weight, [True] * 4)
+    else:
+        norm_weight, norm_bias = torch.randn(6), torch.randn(6)
+        _, mean, rstd = _cuda.depthwise_conv2d_layernorm_forward(x, weight, bias, norm_weight, norm_bias, 1e-6)
+        grad_out = grad_y.permute(0, 2, 3, 1)  # B x H x W x C contiguous
+
+        def run():
+            _cuda.depthwise_conv2d_layernorm_backward(grad_out, x, weight, bias, norm_weight, mean, rstd, [True] * 5)
+    assert _activation_copies(run, shape) == []
+    # The check sees copies: NCHW grad y with channels-last x is copied once, to x's format.
+    assert _activation_copies(lambda: _cuda.depthwise_conv2d_backward(grad_y.contiguous(), x, weight, [True] * 3),
+                              shape) != []
 
 
 # --------------------------------------------------------------------------------------------------------
