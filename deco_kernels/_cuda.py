@@ -46,7 +46,11 @@ def _load():
     return _stale_build_error(_C)
 
 
-def _stale_build_error(module) -> ImportError | None:
+class StaleBuildError(ImportError):
+    """deco_kernels._C was built from other csrc/ sources than those beside the package."""
+
+
+def _stale_build_error(module) -> StaleBuildError | None:
     """An error when ``module`` was built from other csrc/ sources than those beside the package, else None.
 
     An installed copy without its sources (no csrc/ beside the package) has nothing to compare with.
@@ -57,7 +61,7 @@ def _stale_build_error(module) -> ImportError | None:
     built, present = getattr(module, "source_digest", None), source_digest(csrc)
     if built == present:
         return None
-    return ImportError(
+    return StaleBuildError(
         f"{module.__file__} is out of date: it was built from other sources than {csrc} "
         f"(its source digest {built[:12] if built else 'is missing'}, the sources' {present[:12]})"
     )
@@ -72,6 +76,11 @@ def load_error() -> str | None:
     """Why the extension is not available, or None."""
     error = _load()
     return None if error is None else str(error)
+
+
+def is_stale() -> bool:
+    """True when the extension imports but was built from other csrc/ sources (so it is not available)."""
+    return isinstance(_load(), StaleBuildError)
 
 
 def _ops():

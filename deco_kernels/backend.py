@@ -4,7 +4,8 @@ The choice is made per call from (in order) the op's ``backend=`` keyword, the p
 (:func:`set_backend`, :func:`use_backend`, or the ``DECO_KERNELS_BACKEND`` environment variable) and, when
 that is ``"auto"``, the best backend available for the tensor's device. Whatever is chosen is logged once
 per (device type, backend) on the ``deco_kernels`` logger and can be asked for with
-:func:`resolve_backend`, so a CPU fallback is never silent.
+:func:`resolve_backend`, so a CPU fallback is never silent; where ``"auto"`` on a GPU cannot use the CUDA
+extension, the log says why (a warning when the extension is a stale build).
 """
 
 from __future__ import annotations
@@ -137,8 +138,14 @@ def _resolve(device_type: str, requested: str, op: str) -> str:
     key = (device_type, requested, op)
     if key not in _resolved:
         _resolved[key] = chosen
-        how = "auto" if requested == "auto" else "requested"
-        logger.info("deco_kernels: %s on %s runs the %r backend (%s)", op, device_type, chosen, how)
+        how, level = ("auto" if requested == "auto" else "requested"), logging.INFO
+        if requested == "auto" and device_type == "cuda" and chosen != "cuda":
+            from deco_kernels import _cuda
+
+            # The best GPU backend is missing: say why, and loudly where a build no longer matches its sources.
+            how += f"; the CUDA extension is not available: {_cuda.load_error()}"
+            level = logging.WARNING if _cuda.is_stale() else logging.INFO
+        logger.log(level, "deco_kernels: %s on %s runs the %r backend (%s)", op, device_type, chosen, how)
     return chosen
 
 

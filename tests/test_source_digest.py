@@ -76,8 +76,25 @@ def test_a_stale_module_is_refused_with_the_reason(digest):
     if digest is not None:
         module.source_digest = digest
     error = _cuda._stale_build_error(module)
-    assert isinstance(error, ImportError)
+    assert isinstance(error, _cuda.StaleBuildError)
     message = str(error)
     assert "/x/_C.so is out of date" in message and str(ROOT / "csrc") in message
     assert ("000000000000" if digest else "is missing") in message
     assert source_digest(ROOT / "csrc")[:12] in message
+
+
+def test_auto_says_why_a_stale_module_is_passed_over(monkeypatch, caplog):
+    """On a GPU, "auto" would silently lose the CUDA kernels to a stale build: it warns, naming the module."""
+    from deco_kernels import backend
+
+    stale = _cuda.StaleBuildError("/x/_C.so is out of date: it was built from other sources")
+    monkeypatch.setattr(_cuda, "_load", lambda: stale)
+    monkeypatch.setattr(backend, "_resolved", {})
+    with caplog.at_level("INFO", logger="deco_kernels"):
+        chosen = backend.resolve_backend("cuda", "auto", op="depthwise_conv2d")
+    assert chosen != "cuda" and _cuda.is_stale() and not _cuda.is_available()
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert "CUDA extension is not available: /x/_C.so is out of date" in record.getMessage()
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run depthwise_conv2d"):
+        backend.resolve_backend("cuda", "cuda", op="depthwise_conv2d")
