@@ -40,7 +40,10 @@ struct CpuBackend {
     for (int64_t block = 0; block < tiling.blocks; ++block) {
       int b, c, h0, w0;
       conv_tile_origin(s, tiling, block, b, c, h0, w0);
-      for (int e = 0; e < conv_tile_size(s); ++e) tile[e] = conv_tile_element(in, s, b, c, h0, w0, e);
+      const int rows = conv_tile_rows(s.kh), cols = conv_tile_cols(s.kw);
+      for (int row = 0; row < rows; ++row)
+        for (int col = 0; col < cols; ++col)
+          tile[row * cols + col] = halo_tile_value(in, s, b, c, h0, w0, row, col);
       const float* weights_of_c = weight.channel(c);
       for (int t = 0; t < s.kh * s.kw; ++t) channel_weight[t] = weights_of_c[t * weight.tap_stride];
       for (int thread = 0; thread < kConvThreads; ++thread)
@@ -64,7 +67,7 @@ struct CpuBackend {
             gy_tile[row * kGradOutPitch + col] = grad_out_tile_value(grad_out, s, b, c, h0, w0, row, col);
         for (int row = 0; row < in_rows; ++row)
           for (int col = 0; col < in_cols; ++col)
-            in_tile[row * pitch + col] = grad_input_tile_value(in, s, b, c, h0, w0, row, col);
+            in_tile[row * pitch + col] = halo_tile_value(in, s, b, c, h0, w0, row, col);
         const int rows = std::min(kGradTileH, s.height - h0), cols = std::min(kGradTileW, s.width - w0);
         for (int thread = 0; thread < kGradThreads; ++thread)
           weight_grad_thread_sums(gy_tile.data(), in_tile.data(), s, work, rows, cols, thread, sums.data());

@@ -2,7 +2,7 @@
 // CPU builds (cpu_kernels.cpp).
 //
 // Why the CPU build tests the GPU kernels' math: everything a CUDA thread computes lives in these
-// DECO_HD functions -- which input element a tile slot holds and its zero padding (conv_tile_element), the
+// DECO_HD functions -- which input element a tile slot holds and its zero padding (halo_tile_value), the
 // register-window tap loop of a conv strip (conv_strip), epilogues (bias, upsampled residual), nearest-
 // upsampling source indices and their inverse footprints, the weight gradient's per-thread register-window sums
 // and the order of their reduction, adaptive-pool windows, the first-maximum/NaN rule, the gather
@@ -136,12 +136,11 @@ DECO_HD int conv_tile_rows(int kh) { return kConvTileH + kh - 1; }
 DECO_HD int conv_tile_cols(int kw) { return (kConvTileW + kw - 1) | 1; }
 DECO_HD int conv_tile_size(const ConvShape& s) { return conv_tile_rows(s.kh) * conv_tile_cols(s.kw); }
 
-// Slot `e` of the input tile (with halo) whose output tile starts at (h0, w0); zero outside the image.
+// The input at (row, col) of a tile with halo whose outputs start at (h0, w0): the conv's and the weight
+// gradient's shared tiles. Zero outside the image (the 'same' padding).
 template <class Source>
-DECO_HD float conv_tile_element(const Source& in, const ConvShape& s, int b, int c, int h0, int w0, int e) {
-  const int cols = conv_tile_cols(s.kw);
-  const int y = h0 - s.kh / 2 + e / cols;
-  const int x = w0 - s.kw / 2 + e % cols;
+DECO_HD float halo_tile_value(const Source& in, const ConvShape& s, int b, int c, int h0, int w0, int row, int col) {
+  const int y = h0 - s.kh / 2 + row, x = w0 - s.kw / 2 + col;
   return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
 }
 
@@ -388,14 +387,6 @@ DECO_HD float grad_out_tile_value(const Source& gy, const ConvShape& s, int b, i
                                   int col) {
   const int y = h0 + row, x = w0 + col;
   return (y < s.height && x < s.width) ? gy(b, c, y, x) : 0.0f;
-}
-
-// The input at (row, col) of the tile with halo (zero padding outside the image).
-template <class Source>
-DECO_HD float grad_input_tile_value(const Source& in, const ConvShape& s, int b, int c, int h0, int w0, int row,
-                                    int col) {
-  const int y = h0 - s.kh / 2 + row, x = w0 - s.kw / 2 + col;
-  return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
 }
 
 // The inputs one strip reads for a chunk of taps, and one tap's products over the strip added to `sum`

@@ -70,8 +70,13 @@ __global__ void __launch_bounds__(kConvThreads, kConvMinBlocks)
   conv_tile_origin(s, tiling, blockIdx.x, b, c, h0, w0);
   const float* weights_of_c = weight.channel(c);
   for (int t = threadIdx.x; t < taps; t += kConvThreads) channel_weight[t] = weights_of_c[t * weight.tap_stride];
-  const int tile_size = conv_tile_size(s);
-  for (int e = threadIdx.x; e < tile_size; e += kConvThreads) tile[e] = conv_tile_element(in, s, b, c, h0, w0, e);
+  // A warp stages whole rows, lanes on consecutive columns: coalesced NCHW reads, and no division per slot (the
+  // row's part of the address and its bounds check are computed once per row).
+  const int rows = conv_tile_rows(s.kh), cols = conv_tile_cols(s.kw);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int row = warp; row < rows; row += kConvThreads / kWarp)
+    for (int col = lane; col < cols; col += kWarp)
+      tile[row * cols + col] = halo_tile_value(in, s, b, c, h0, w0, row, col);
   __syncthreads();
   conv_tile_thread(tile, channel_weight, s, epilogue, out, out_layout, b, c, h0, w0, threadIdx.x);
 }
@@ -99,7 +104,7 @@ __global__ void __launch_bounds__(kGradThreads, kGradMinBlocks)
     gy_tile[row * kGradOutPitch + lane] = grad_out_tile_value(grad_out, s, b, c, h0, w0, row, lane);
   for (int row = warp; row < in_rows; row += kGradThreads / kWarp)
     for (int col = lane; col < in_cols; col += kWarp)
-      in_tile[row * pitch + col] = grad_input_tile_value(in, s, b, c, h0, w0, row, col);
+      in_tile[row * pitch + col] = halo_tile_value(in, s, b, c, h0, w0, row, col);
   __syncthreads();
   weight_grad_thread_sums(gy_tile, in_tile, s, work, min(kGradTileH, s.height - h0), min(kGradTileW, s.width - w0),
                           threadIdx.x, sums);
