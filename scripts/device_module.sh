@@ -22,14 +22,15 @@ done
 [[ -n $python312 ]] || { echo "no working Python 3.12 found${DEVICE_PYTHON:+ (DEVICE_PYTHON=$DEVICE_PYTHON)}: set DEVICE_PYTHON" >&2; exit 1; }
 venv=${DEVICE_VENV:-/tmp/deco-device-py312}
 [[ -x $venv/bin/python ]] || "$python312" -m venv "$venv"
-"$venv/bin/python" -m pip install -q "${DEVICE_TORCH:-torch==2.11.*}" setuptools ninja pybind11 numpy
+log=/tmp/deco-device-module.log
+"$venv/bin/python" -m pip install -q "${DEVICE_TORCH:-torch==2.11.*}" setuptools ninja pybind11 numpy >"$log" 2>&1 \
+    || { tail -20 "$log"; exit 1; }
 "$venv/bin/python" - <<'PY'
 import torch
 assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"
 print(f"building for torch {torch.__version__} (CUDA {torch.version.cuda})")
 PY
-MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" setup.py build_ext --inplace >/tmp/deco-device-module.log 2>&1 \
-    || { tail -20 /tmp/deco-device-module.log; exit 1; }
+MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" setup.py build_ext --inplace >>"$log" 2>&1 || { tail -20 "$log"; exit 1; }
 module=$(ls deco_kernels/_C.cpython-312-*.so)
 "$venv/bin/python" deco_kernels/_source_digest.py csrc | sed "s|^|$module: csrc digest |"
 echo "carry it: run(\"bash scripts/gpu_run.sh test\", carry=[\"$module\"])"
