@@ -917,8 +917,8 @@ struct GammaGradReduceOp {
 // image times all C channels; the tile's fp32 values live in shared memory (on the CPU: a local buffer),
 // row-major by pixel. Passes of a block, separated by barriers:
 //   1. every thread computes conv outputs of the tile, kLayerNormStrip consecutive pixels of one channel at a
-//      time with the register window of conv_strip (a strip that crosses an image row is computed pixel by
-//      pixel), from a channels-last x (the host copies NCHW x): strips are numbered channels fastest, so a
+//      time with the register window of conv_strip (a strip that crosses image rows takes one window per row
+//      it touches), from a channels-last x (the host copies NCHW x): strips are numbered channels fastest, so a
 //      warp's load is one line. (From NCHW x a warp's lanes would span up to 16 channel planes, a line each,
 //      and each load would cost the L1 about 16 times as much.) The backward also reads grad_out here, by
 //      element, channels fastest;
@@ -933,8 +933,9 @@ constexpr int kLayerNormThreads = 256;
 constexpr int kLayerNormTileElements = 4096;  // 16 KB of fp32 per tile buffer; >= kLayerNormMaxChannels
 constexpr int kLayerNormMaxPixels = 32;
 // Conv outputs per thread in pass 1: a row of kh x kw taps costs kLayerNormStrip + kw - 1 reads, not
-// kLayerNormStrip * kw. 4 keeps the work items numerous at C = 480 (8 pixels per tile: 2 strips a channel).
-constexpr int kLayerNormStrip = 4;
+// kLayerNormStrip * kw: (8 + 8 + 9) / 72 = 0.35 reads per FMA at 9 x 9, where strips of 4 read 0.58 (pass 1 is
+// bound by L1 reads, one per clock against four warp FMAs). At C = 480 a tile is 8 pixels, one strip a channel.
+constexpr int kLayerNormStrip = 8;
 
 // Tiles are numbered with ints (the host checks that they fit): a 64-bit division is a subroutine call on
 // the GPU, whose register saves put loop invariants on the stack.
@@ -991,30 +992,34 @@ DECO_HD float conv_output_at(const Source& in, const ConvWeights& weight, const 
 
 // Pass 1 of both directions: the conv outputs (+ bias) of channel c at pixel slots [p0, p0 + kLayerNormStrip)
 // of the tile (those inside it), each handed to store(p, value); a slot past the image's end gets
-// store(p, 0). Slots in one image row share conv_strip's register window; the sums are those of
-// conv_output_at (same taps, same order), so either way gives bitwise the same value.
+// store(p, 0). The slots of each image row the strip touches share one conv_strip register window (a lone
+// slot in a row takes conv_output_at); the sums are those of conv_output_at (same taps, same order), so
+// either way gives bitwise the same value.
 template <class Source, class Store>
 DECO_HD void layer_norm_conv_strip(const Source& in, const ConvWeights& weight, const float* bias, const ConvShape& s,
                                    const LayerNormTiling& tiling, int tile, int c, int p0, const Store& store) {
   const int end = tiling.strip_end(p0);
   const int b = tiling.image(tile);
-  const int first = tiling.pixel(tile, p0), last = tiling.pixel(tile, end - 1);
-  if (last < tiling.image_pixels && first / s.width == last / s.width) {
-    const int y = first / s.width, x = first % s.width;
-    const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
-    float acc[kLayerNormStrip] = {};
-    conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
-    // Constant indices into acc once unrolled: a variable one would put it on the stack.
-    DECO_UNROLL
-    for (int k = 0; k < kLayerNormStrip; ++k)
-      if (p0 + k < end) store(p0 + k, BiasEpilogue{bias}(b, c, y, x + k, acc[k]));
-    return;
-  }
-  for (int p = p0; p < end; ++p) {
+  for (int p = p0; p < end;) {
     const int pixel = tiling.pixel(tile, p);
-    store(p, pixel < tiling.image_pixels
-                 ? conv_output_at(in, weight, bias, s, b, c, pixel / s.width, pixel % s.width)
-                 : 0.0f);
+    if (pixel >= tiling.image_pixels) {  // the rest of the strip is past the image's end too
+      for (; p < end; ++p) store(p, 0.0f);
+      return;
+    }
+    const int y = pixel / s.width, x = pixel % s.width;
+    const int run = end - p < s.width - x ? end - p : s.width - x;  // the strip's slots in row y
+    if (run == 1) {
+      store(p, conv_output_at(in, weight, bias, s, b, c, y, x));
+    } else {
+      const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
+      float acc[kLayerNormStrip] = {};
+      conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
+      // Constant indices into acc once unrolled: a variable one would put it on the stack.
+      DECO_UNROLL
+      for (int k = 0; k < kLayerNormStrip; ++k)
+        if (k < run) store(p + k, BiasEpilogue{bias}(b, c, y, x + k, acc[k]));
+    }
+    p += run;
   }
 }
 

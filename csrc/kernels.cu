@@ -20,7 +20,7 @@
 //   warp reads consecutive channels; its gamma gradient sums grad_y * ffn[argmax] per (32-position split,
 //   channel), then adds each channel's splits in order: deterministic, no atomics.
 // - Conv + LayerNorm: a 256-thread block per tile of pixels x all channels (fp32 in shared memory); conv
-//   outputs 4 pixels of a row per thread with the conv's register window, read from channels-last x (the
+//   outputs 8 pixels of a row per thread with the conv's register window, read from channels-last x (the
 //   host copies NCHW x) with consecutive threads on consecutive channels; one warp per pixel for the channel
 //   statistics, BHWC stores.
 #include <c10/cuda/CUDAException.h>

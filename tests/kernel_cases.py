@@ -53,8 +53,9 @@ DEPTHWISE_CASES = [
 
 # (B, C, H, W, kh, kw) of depthwise_conv2d_layernorm (the LayerNorm runs over C): C of 1 (the output is the
 # norm bias), C not a power of two, maps smaller than the kernel, H or W of 1, a rectangular kernel, DECO's
-# 10 x 10 query grid with the SIM's 9 x 9, and wide C (the CUDA kernel's tiles of 8 and of 3 pixels, whose
-# register-window strips of 4 pixels cross image rows or end short).
+# 10 x 10 query grid with the SIM's 9 x 9, and wide C (the CUDA kernel's tiles of 8 and of 3 pixels). The CUDA
+# kernel's register-window strips of 8 pixels cross image rows (up to three rows, with lone pixels, where W < 8),
+# end short, or run past the image's end.
 DEPTHWISE_LAYERNORM_CASES = [
     (1, 1, 5, 5, 3, 3),
     (3, 5, 7, 9, 3, 3),
