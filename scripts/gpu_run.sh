@@ -13,8 +13,9 @@
 # Every call prints the environment first and builds the CUDA extension if this machine has no build of it from
 # these sources (a fresh machine is bare). Carry the module, deco_kernels/_C.cpython-312-*.so, to skip the build:
 # scripts/device_module.sh builds it on the CPU machine for the GPU machine's Python and torch, and the build
-# step returns the one it built. A module built from other csrc/ sources is refused and rebuilt. Each step runs under `timeout`, bounded by what is left of GPU_RUN_BUDGET_S
-# (default 570 s) since the script started, so one call stays inside the device tool's 10 minutes.
+# step returns the one it built. A module built from other csrc/ sources is refused and rebuilt. Each step runs
+# under `timeout`, bounded by what is left of GPU_RUN_BUDGET_S (default 570 s) since the script started, so one
+# call stays inside the device tool's 10 minutes.
 # The benchmarks write their JSON after every measurement and measure the rows the speed targets need first, so
 # a step cut off keeps what matters. Results accumulate across calls: copy the JSON files a call brought back
 # into .gpu-run/ (git-ignored) and name `.gpu-run` in the next call's carry; the next bench / e2e / autotune
