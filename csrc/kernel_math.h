@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define DECO_HD __host__ __device__ __forceinline__
@@ -51,6 +52,7 @@ DECO_HD Layout make_layout(int C, int H, int W, bool channels_last) {
 // A stored activation read as fp32.
 template <typename T>
 struct TensorSource {
+  using Element = T;
   const T* data;
   Layout layout;
   DECO_HD float operator()(int b, int c, int h, int w) const {
@@ -219,6 +221,40 @@ struct DirectReader {
     return (y >= 0 && y < s.height && x >= 0 && x < s.width) ? in(b, c, y, x) : 0.0f;
   }
 };
+
+// Reads a strip's inputs from a stored tensor where the strip's whole window lies inside the image: no padding,
+// so no bound checks, and each read is a constant offset from the window's origin (the input at tap (0, 0) of
+// the strip's first output).
+template <typename T>
+struct InteriorReader {
+  const T* origin;
+  int row, col;  // element strides of the tensor's rows and columns
+  DECO_HD float operator()(int i, int c) const { return static_cast<float>(origin[i * row + c * col]); }
+};
+
+template <class Source>
+struct IsTensorSource : std::false_type {};
+template <typename T>
+struct IsTensorSource<TensorSource<T>> : std::true_type {};
+
+// conv_strip of the N outputs of channel c from (y, x) along row y, read straight from the source: unchecked
+// where the source is a stored tensor and the window lies inside the image (most strips of a large map), else
+// through DirectReader's zero padding. Both give bitwise the same sums.
+template <int N, class Source>
+DECO_HD void direct_conv_strip(const Source& in, const ConvShape& s, const ConvWeights& weight, int b, int c, int y,
+                               int x, float (&acc)[N]) {
+  const int top = y - s.kh / 2, left = x - s.kw / 2;
+  if constexpr (IsTensorSource<Source>::value) {
+    if (top >= 0 && top + s.kh <= s.height && left >= 0 && left + N + s.kw - 1 <= s.width) {
+      const InteriorReader<typename Source::Element> reader{in.data + in.layout.at(b, c, top, left), in.layout.row,
+                                                            in.layout.col};
+      conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
+      return;
+    }
+  }
+  const DirectReader<Source> reader{in, s, b, c, top, left};
+  conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
+}
 
 struct ConvTiling {
   int tiles_h, tiles_w;
@@ -649,9 +685,8 @@ struct ConvDirectOp {
     const int y = static_cast<int>(e % s.height);
     const int b = static_cast<int>(e / s.height);
     const int x0 = strip * kConvStripCL;
-    const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x0 - s.kw / 2};
     float acc[kConvStripCL] = {};
-    conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
+    direct_conv_strip(in, s, weight, b, c, y, x0, acc);
     conv_store_strip(epilogue, s, out_layout, out, b, c, y, x0, acc);
   }
 };
@@ -984,9 +1019,8 @@ DECO_HD void layer_norm_tile_slot(int e, int pixels, int channels, bool channels
 template <class Source>
 DECO_HD float conv_output_at(const Source& in, const ConvWeights& weight, const float* bias, const ConvShape& s,
                              int b, int c, int y, int x) {
-  const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
   float acc[1] = {};
-  conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
+  direct_conv_strip(in, s, weight, b, c, y, x, acc);
   return BiasEpilogue{bias}(b, c, y, x, acc[0]);
 }
 
@@ -1011,9 +1045,8 @@ DECO_HD void layer_norm_conv_strip(const Source& in, const ConvWeights& weight, 
     if (run == 1) {
       store(p, conv_output_at(in, weight, bias, s, b, c, y, x));
     } else {
-      const DirectReader<Source> reader{in, s, b, c, y - s.kh / 2, x - s.kw / 2};
       float acc[kLayerNormStrip] = {};
-      conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
+      direct_conv_strip(in, s, weight, b, c, y, x, acc);
       // Constant indices into acc once unrolled: a variable one would put it on the stack.
       DECO_UNROLL
       for (int k = 0; k < kLayerNormStrip; ++k)

@@ -55,7 +55,7 @@ DEPTHWISE_CASES = [
 # norm bias), C not a power of two, maps smaller than the kernel, H or W of 1, a rectangular kernel, DECO's
 # 10 x 10 query grid with the SIM's 9 x 9, and wide C (the CUDA kernel's tiles of 8 and of 3 pixels). The CUDA
 # kernel's register-window strips of 8 pixels cross image rows (up to three rows, with lone pixels, where W < 8),
-# end short, or run past the image's end.
+# end short, or run past the image's end; on a 12 x 40 map most strips lie inside the image (unchecked reads).
 DEPTHWISE_LAYERNORM_CASES = [
     (1, 1, 5, 5, 3, 3),
     (3, 5, 7, 9, 3, 3),
@@ -67,6 +67,7 @@ DEPTHWISE_LAYERNORM_CASES = [
     (1, 33, 10, 10, 9, 9),
     (2, 480, 3, 5, 7, 7),
     (1, 1100, 3, 4, 3, 3),
+    (2, 24, 12, 40, 7, 7),
 ]
 
 # (B, C, Hq, Wq, H, W, kh, kw): query grid upsampled (or, when smaller, downsampled) to the memory's H x W.
