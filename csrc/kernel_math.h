@@ -371,16 +371,16 @@ DECO_HD void grad_tile_origin(const GradTiling& g, int tile, int& b, int& h0, in
 // channel-fastest (the channels-last threads of a warp write consecutive channels).
 struct GradPartials {
   float* data;
-  bool channel_fastest;
   int64_t tile_stride, channel_stride, tap_stride;
   DECO_HD int64_t at(int tile, int c, int t) const { return tile * tile_stride + c * channel_stride + t * tap_stride; }
+  // Channel-major partials have a channel stride of tiles * (taps + 1) >= 2.
+  DECO_HD bool channel_fastest() const { return channel_stride == 1; }
 };
 
 DECO_HD GradPartials make_grad_partials(float* data, const GradTiling& g, int channels, int taps_with_bias,
                                         bool channel_fastest) {
   GradPartials p;
   p.data = data;
-  p.channel_fastest = channel_fastest;
   if (channel_fastest) {
     p.tile_stride = static_cast<int64_t>(taps_with_bias) * channels;
     p.channel_stride = 1;
@@ -768,8 +768,9 @@ struct WeightGradReduceOp {
   float* grad_bias;    // C
   DECO_HD int64_t size() const { return static_cast<int64_t>(channels) * (taps + 1); }
   DECO_HD void operator()(int64_t e) const {
-    const int c = static_cast<int>(partials.channel_fastest ? e % channels : e / (taps + 1));
-    const int t = static_cast<int>(partials.channel_fastest ? e / channels : e % (taps + 1));
+    const bool channel_fastest = partials.channel_fastest();
+    const int c = static_cast<int>(channel_fastest ? e % channels : e / (taps + 1));
+    const int t = static_cast<int>(channel_fastest ? e / channels : e % (taps + 1));
     const float total = weight_grad_total(partials, tiles, c, t);
     if (t < taps)
       grad_weight[static_cast<int64_t>(c) * taps + t] = total;

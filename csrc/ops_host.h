@@ -119,6 +119,9 @@ inline ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight) {
 
 inline at::Tensor fp32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// An optional fp32 bias (from fp32_contiguous, or undefined) as the kernels take it.
+inline const float* bias_data(const at::Tensor& b) { return b.defined() ? b.data_ptr<float>() : nullptr; }
+
 // C x 1 x kh x kw fp32 weights as a kernel reads them (ConvWeights), with the tensor that holds them: a tap-major
 // copy where consecutive threads take consecutive channels (`channel_lanes`), else the weights themselves;
 // `flip` reads the kernel rotated by 180 degrees.
@@ -202,8 +205,7 @@ struct Ops {
     at::Tensor y = at::empty_like(xc, memory_format(cl));
     const ConvShape s = conv_shape(xc, w);
     DECO_DISPATCH_FLOATING(x.scalar_type(), "depthwise_conv2d_forward", [&] {
-      conv<scalar_t>(s, cl, source_of<scalar_t>(xc, cl), w, false,
-                     BiasEpilogue{b.defined() ? b.data_ptr<float>() : nullptr}, y);
+      conv<scalar_t>(s, cl, source_of<scalar_t>(xc, cl), w, false, BiasEpilogue{bias_data(b)}, y);
     });
     return y;
   }
@@ -269,8 +271,7 @@ struct Ops {
     const ConvShape s = conv_shape(mc, w);
     DECO_DISPATCH_FLOATING(memory.scalar_type(), "upsample_add_conv_forward", [&] {
       const UpsampleSumSource<scalar_t> sum = upsample_sum<scalar_t>(qc, mc, cl);
-      conv<scalar_t>(s, cl, sum, w, false,
-                     UpsampleResidualEpilogue<scalar_t>{b.defined() ? b.data_ptr<float>() : nullptr, sum}, y);
+      conv<scalar_t>(s, cl, sum, w, false, UpsampleResidualEpilogue<scalar_t>{bias_data(b), sum}, y);
     });
     return y;
   }
@@ -497,8 +498,6 @@ struct ConvLayerNormOps {
     check_bias(bias, x, "x");
     check_channel_vector(norm_weight, "norm_weight", x.size(1), x, "x");
   }
-
-  static const float* bias_data(const at::Tensor& b) { return b.defined() ? b.data_ptr<float>() : nullptr; }
 
   static LayerNormTiling tiling_of(const ConvShape& s) {
     const LayerNormTiling tiling = make_layer_norm_tiling(s);

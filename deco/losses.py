@@ -119,9 +119,10 @@ class SetCriterion(torch.nn.Module):
         device = outputs["pred_logits"].device
         target_counts = [len(t["labels"]) for t in targets]
         num_boxes = distributed.mean_num_boxes(sum(target_counts), device)
-        # Every layer is matched separately, but all in one go: a single host sync per step.
-        layer_pairs = _matched_pairs(self.matcher.match_layers(layers, targets), target_counts, device)
         target_labels, target_boxes = concatenated_targets(targets, device)
+        # Every layer is matched separately, but all in one go: a single host sync per step.
+        layer_indices = self.matcher.match_layers(layers, targets, (target_labels, target_boxes))
+        layer_pairs = _matched_pairs(layer_indices, target_counts, device)
         losses = {}
         for layer, (layer_outputs, pairs) in enumerate(zip(layers, layer_pairs)):
             loss_bbox, loss_giou = self.loss_boxes(layer_outputs["pred_boxes"], pairs, target_boxes, num_boxes)

@@ -68,9 +68,15 @@ class HungarianMatcher(torch.nn.Module):
         return self.layer_cost_matrices([outputs], targets)[0]
 
     @torch.no_grad()
-    def layer_cost_matrices(self, layers: Sequence[dict], targets: list[dict]) -> list[list[torch.Tensor]]:
+    def layer_cost_matrices(
+        self,
+        layers: Sequence[dict],
+        targets: list[dict],
+        concatenated: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[list[torch.Tensor]]:
         """The cost matrices of L layers' predictions (the final and the auxiliary decoder layers) against the
-        same targets: L lists of B matrices, each Q x N_i float32 on the CPU.
+        same targets: L lists of B matrices, each Q x N_i float32 on the CPU. ``concatenated``: the targets'
+        :func:`concatenated_targets` on the predictions' device, where the caller has made them already.
 
         Every layer must have the same B x Q x K logits shape. The costs of all layers come to the host in one
         copy, the only host sync. Inputs are validated without further syncs: a bad label, an inverted target
@@ -101,7 +107,7 @@ class HungarianMatcher(torch.nn.Module):
         # ops; each image then takes its own block of columns.
         flat_logits = torch.cat([outputs["pred_logits"].flatten(0, 1) for outputs in layers]).float()
         flat_boxes = torch.cat([outputs["pred_boxes"].flatten(0, 1) for outputs in layers]).float()
-        target_labels, target_boxes = concatenated_targets(targets, device)
+        target_labels, target_boxes = concatenated or concatenated_targets(targets, device)
         valid_target = _labels_in_range(target_labels, num_classes) & _has_size(target_boxes)
         valid_prediction = _has_size(flat_boxes)
         cost = (
@@ -122,11 +128,15 @@ class HungarianMatcher(torch.nn.Module):
         return self.match_layers([outputs], targets)[0]
 
     def match_layers(
-        self, layers: Sequence[dict], targets: list[dict]
+        self,
+        layers: Sequence[dict],
+        targets: list[dict],
+        concatenated: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """:meth:`forward` for each of L layers (see :meth:`layer_cost_matrices`), with one host sync in all."""
         return [
-            [_assign(cost) for cost in layer_costs] for layer_costs in self.layer_cost_matrices(layers, targets)
+            [_assign(cost) for cost in layer_costs]
+            for layer_costs in self.layer_cost_matrices(layers, targets, concatenated)
         ]
 
 

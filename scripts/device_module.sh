@@ -33,17 +33,14 @@ PY
 MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" setup.py build_ext --inplace >>"$log" 2>&1 || { tail -20 "$log"; exit 1; }
 module=$(ls deco_kernels/_C.cpython-312-*.so)
 # The module loads against this torch and records the digest of the sources as they are now.
-"$venv/bin/python" - "$module" <<'PY'
+"$venv/bin/python" - "$module" "$("$venv/bin/python" deco_kernels/_source_digest.py csrc)" <<'PY'
 import importlib.util, sys
-from pathlib import Path
 import torch  # noqa: F401  (the module links against torch's libraries)
-spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
+path, digest = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("_C", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-spec = importlib.util.spec_from_file_location("_source_digest", "deco_kernels/_source_digest.py")
-digest = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(digest)
-assert module.source_digest == digest.source_digest(Path("csrc")), "the module does not match csrc/"
-print(f"{sys.argv[1]}: loads; built from csrc/ as it is now (digest {module.source_digest[:12]})")
+assert module.source_digest == digest, f"{path} records digest {module.source_digest}, csrc/ has {digest}"
+print(f"{path}: loads; built from csrc/ as it is now (digest {digest[:12]})")
 PY
 echo "carry it: run(\"bash scripts/gpu_run.sh test\", carry=[\"$module\"])"
