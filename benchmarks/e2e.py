@@ -11,8 +11,10 @@ One command runs everything (``python -m benchmarks.e2e --out results.json``):
 Providers: ``stock-eager`` / ``fused-eager`` (``build_deco(kernels="stock"|"fused")``), ``stock-compile`` /
 ``fused-compile`` (``torch.compile`` of the model; the loss and matcher stay eager, as the matcher runs SciPy),
 ``stock-cudagraph`` / ``fused-cudagraph`` (inference only, GPU only: the forward captured once in a CUDA graph
-and replayed), and ``eager`` / ``compile`` / ``cudagraph`` for DETR-R50. dtypes: ``float32``, or
-``bfloat16`` = the model under ``torch.autocast(bfloat16)``.
+and replayed), and ``eager`` / ``compile`` / ``cudagraph`` for DETR-R50. Each also with ``-cl``: the model
+converted to channels-last (``model.to(memory_format=torch.channels_last)``, as ``deco train --channels-last``
+does), so every activation from the first conv on is NHWC. dtypes: ``float32``, or ``bfloat16`` = the model
+under ``torch.autocast(bfloat16)``.
 Each record holds the median step time (CUDA events, after warm-up), its spread, images/s and the peak of
 ``torch.cuda.max_memory_allocated`` over the timed steps; ``speedup`` is against the stock providers of
 the same model, batch, dtype and pass.
@@ -39,9 +41,17 @@ log = logging.getLogger("benchmarks.e2e")
 
 MODELS = ("deco-r18", "deco-r50", "detr-r50")
 MODEL_NAMES = {"deco-r18": "DECO-R18", "deco-r50": "DECO-R50", "detr-r50": "DETR-R50"}
-DECO_PROVIDERS = ("stock-eager", "fused-eager", "stock-compile", "fused-compile", "stock-cudagraph", "fused-cudagraph")
-DETR_PROVIDERS = ("eager", "compile", "cudagraph")
-STOCK_PROVIDERS = ("stock-eager", "stock-compile", "stock-cudagraph")
+CHANNELS_LAST_SUFFIX = "-cl"
+_RUNNERS = ("eager", "compile", "cudagraph")
+DETR_PROVIDERS = tuple(f"{runner}{layout}" for layout in ("", CHANNELS_LAST_SUFFIX) for runner in _RUNNERS)
+DECO_PROVIDERS = tuple(f"{kernels}-{runner}" for runner in DETR_PROVIDERS for kernels in ("stock", "fused"))
+STOCK_PROVIDERS = tuple(provider for provider in DECO_PROVIDERS if provider.startswith("stock-"))
+DEFAULT_PROVIDERS = (
+    "stock-eager", "fused-eager", "stock-compile", "fused-compile", "stock-cudagraph", "fused-cudagraph",
+    "eager", "cudagraph",
+    "stock-eager-cl", "fused-eager-cl", "stock-compile-cl", "fused-compile-cl", "stock-cudagraph-cl",
+    "fused-cudagraph-cl", "eager-cl", "cudagraph-cl",
+)
 NUM_CLASSES = 91
 # A tiny DECO (smoke runs on the CPU): the same code path, a fraction of the work.
 _TINY_DECO = dict(
@@ -49,17 +59,26 @@ _TINY_DECO = dict(
 )
 
 
+def provider_parts(provider: str) -> tuple[str | None, str, bool]:
+    """(kernels "stock" | "fused", None for DETR; runner "eager" | "compile" | "cudagraph"; channels-last)."""
+    channels_last = provider.endswith(CHANNELS_LAST_SUFFIX)
+    parts = provider.removesuffix(CHANNELS_LAST_SUFFIX).split("-")
+    return (parts[0] if len(parts) == 2 else None), parts[-1], channels_last
+
+
 def build_model(model: str, provider: str, tiny: bool = False) -> torch.nn.Module:
-    """The random-weight model of ``model`` for ``provider`` (not yet compiled)."""
+    """The random-weight model of ``model`` for ``provider`` (not yet compiled), in the provider's memory format."""
+    kernels, _, channels_last = provider_parts(provider)
     if model == "detr-r50":
         from deco.models.detr import build_detr
 
-        return build_detr(NUM_CLASSES)
-    from deco.models.deco import build_deco
+        built = build_detr(NUM_CLASSES)
+    else:
+        from deco.models.deco import build_deco
 
-    backbone = {"deco-r18": "resnet18", "deco-r50": "resnet50"}[model]
-    kernels = provider.split("-")[0]
-    return build_deco(backbone, NUM_CLASSES, kernels=kernels, **(_TINY_DECO if tiny else {}))
+        backbone = {"deco-r18": "resnet18", "deco-r50": "resnet50"}[model]
+        built = build_deco(backbone, NUM_CLASSES, kernels=kernels, **(_TINY_DECO if tiny else {}))
+    return built.to(memory_format=torch.channels_last) if channels_last else built
 
 
 def synthetic_batch(
@@ -137,8 +156,9 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
+    _, runner_kind, _ = provider_parts(provider)
     model = build_model(model_key, provider, args.smoke).to(device)
-    runner = torch.compile(model) if provider.endswith("compile") else model
+    runner = torch.compile(model) if runner_kind == "compile" else model
     row = _row(model_key, provider, dtype, pass_, args)
     batch = row["batch"]
     images, mask, targets = synthetic_batch(batch, tuple(args.image_size), device, generator)
@@ -160,7 +180,7 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
             torch.nn.utils.clip_grad_norm_(trainable, 0.1)
             optimizer.step()
 
-    elif provider.endswith("cudagraph"):
+    elif runner_kind == "cudagraph":
         model.eval()
         graph = None
 
@@ -223,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
     parser.add_argument(
         "--providers",
-        default="stock-eager,fused-eager,stock-compile,fused-compile,stock-cudagraph,fused-cudagraph,eager,cudagraph",
+        default=",".join(DEFAULT_PROVIDERS),
         help=f"comma list from {DECO_PROVIDERS} (DECO) and {DETR_PROVIDERS} (DETR); each applies where it fits",
     )
     parser.add_argument("--passes", default="train_step,infer", help="comma list from train_step, infer")
@@ -265,23 +285,28 @@ def main(argv: list[str] | None = None) -> int:
         results = ResultsFile(args.out, environment(device), STOCK_PROVIDERS, resume=args.resume)
     except ValueError as error:
         raise SystemExit(str(error)) from error
-    # Eager runs of every model first, compiled ones last: compilation takes minutes, and a run cut off by its
-    # time budget should lose the compiled rows rather than the DETR comparison.
+
+    # Eager runs of every model first (NCHW, then channels-last), compiled ones last: compilation takes minutes,
+    # and a run cut off by its time budget should lose the compiled rows rather than the DETR comparison.
+    def order(provider: str) -> tuple[bool, bool]:
+        _, runner, channels_last = provider_parts(provider)
+        return runner == "compile", channels_last
+
     combinations = [
         (model_key, provider)
-        for compiled in (False, True)
+        for stage in sorted({order(provider) for provider in providers})
         for model_key in models
         for provider in providers
-        if provider in (DETR_PROVIDERS if model_key == "detr-r50" else DECO_PROVIDERS)
-        and provider.endswith("compile") == compiled
+        if provider in (DETR_PROVIDERS if model_key == "detr-r50" else DECO_PROVIDERS) and order(provider) == stage
     ]
     failures = 0
     for model_key, provider in combinations:
-        if provider.endswith("compile") and model_key in skip_compile:
+        _, runner, _ = provider_parts(provider)
+        if runner == "compile" and model_key in skip_compile:
             log.info("skipping %s %s (--skip-compile-for)", model_key, provider)
             continue
         for pass_ in passes:
-            if provider.endswith("cudagraph") and (pass_ != "infer" or device.type != "cuda"):
+            if runner == "cudagraph" and (pass_ != "infer" or device.type != "cuda"):
                 # A training step cannot be one graph (the matcher runs on the host); graphs need a GPU.
                 log.info("skipping %s %s %s (CUDA graphs: inference on a GPU only)", model_key, provider, pass_)
                 continue
@@ -299,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     _release_memory(device)
                 results.add(record)
                 log.info(
-                    "%s %-14s %-9s %-10s %8.2f ms  %7.1f img/s  peak %s GB",
+                    "%s %-18s %-9s %-10s %8.2f ms  %7.1f img/s  peak %s GB",
                     record["model"],
                     provider,
                     dtype,

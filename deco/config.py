@@ -33,6 +33,9 @@ class TrainConfig:
     backbone_weights: str | None = None
     backbone_norm: str = "frozen"
     kernels: str = "auto"  # "fused" on CUDA, "stock" elsewhere
+    # Run the model on channels-last (NHWC) tensors: conv weights are converted, so every activation from the
+    # first conv on is channels-last. The weights and checkpoints are the same either way.
+    channels_last: bool = False
     num_queries: int = 100
     query_grid: tuple[int, int] = (10, 10)
     d_model: int = 480

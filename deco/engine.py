@@ -84,8 +84,8 @@ class Trainer:
         self.out = Path(config.out)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        logger.info("training on %s with kernels=%s (world size %d)", self.device, self.kernels,
-                    distributed.get_world_size())
+        logger.info("training on %s with kernels=%s%s (world size %d)", self.device, self.kernels,
+                    ", channels-last" if config.channels_last else "", distributed.get_world_size())
 
         train_transforms = make_transforms(
             True, scales=config.train_scales, max_size=config.max_size, crop_resize=config.crop_resize,
@@ -119,6 +119,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model_config = config.model_kwargs(num_classes, self.kernels)
         self.model = build_deco(**self.model_config).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if config.layer_scale_init is not None:
             with torch.no_grad():
                 for name, parameter in self.model.named_parameters():

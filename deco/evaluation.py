@@ -245,11 +245,15 @@ def load_model_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def build_model_from_checkpoint(
-    checkpoint: dict, device: torch.device | str = "cpu", **overrides
+    checkpoint: dict, device: torch.device | str = "cpu", channels_last: bool = False, **overrides
 ) -> torch.nn.Module:
     """``build_deco(**checkpoint["model_config"], **overrides)`` with the checkpoint's weights loaded
-    (strictly), moved to ``device`` and put in eval mode. The backbone's pretrained-weights file named in the
-    config is not read (the checkpoint holds all weights and that file may not exist here)."""
+    (strictly), moved to ``device`` (channels-last if asked) and put in eval mode. The backbone's
+    pretrained-weights file named in the config is not read (the checkpoint holds all weights and that file may
+    not exist here)."""
     model = build_deco(**{**checkpoint["model_config"], "backbone_weights": None, **overrides})
     model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()

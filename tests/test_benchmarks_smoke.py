@@ -141,7 +141,7 @@ def test_end_to_end_benchmark_runs_on_cpu(tmp_path, one_thread):
             "--models",
             "deco-r18,detr-r50",
             "--providers",
-            "stock-eager,fused-eager,eager",
+            "fused-eager-cl,stock-eager,fused-eager,eager",
             "--dtypes",
             "float32",
             "--batch",
@@ -159,17 +159,24 @@ def test_end_to_end_benchmark_runs_on_cpu(tmp_path, one_thread):
     )
     assert status == 0
     document = load(out)
-    got = {(r["model"], r["provider"], r["pass"]) for r in document["records"]}
-    assert got == {
+    got = [(r["model"], r["provider"], r["pass"]) for r in document["records"]]
+    # NCHW rows of every model first, then the channels-last ones, whatever the order asked for.
+    assert got == [
         (model, provider, pass_)
-        for model, provider in (("DECO-R18", "stock-eager"), ("DECO-R18", "fused-eager"), ("DETR-R50", "eager"))
+        for model, provider in (
+            ("DECO-R18", "stock-eager"),
+            ("DECO-R18", "fused-eager"),
+            ("DETR-R50", "eager"),
+            ("DECO-R18", "fused-eager-cl"),
+        )
         for pass_ in ("train_step", "infer")
-    }
+    ]
     for record in document["records"]:
         assert record["batch"] == (2 if record["pass"] == "train_step" else 1)
         assert record["peak_mem_gb"] is None  # only measured on a GPU
-    fused = next(r for r in document["records"] if r["provider"] == "fused-eager")
-    assert set(fused["speedup"]) == {"stock-eager"}
+    for provider in ("fused-eager", "fused-eager-cl"):
+        fused = next(r for r in document["records"] if r["provider"] == provider)
+        assert set(fused["speedup"]) == {"stock-eager"}
 
 
 def test_end_to_end_benchmark_resumes(tmp_path, one_thread, caplog):
@@ -334,3 +341,31 @@ def test_speedups_schema_and_merge(tmp_path):
         "gpu-2026-01-01-depthwise_conv2d.png"
     ]
     assert "| depthwise_conv2d | B8 C480 H25 W42 kh9 kw9 | float32 | fwd+bwd | 0.500 |" in headline_table(records)
+
+
+def _e2e(model, provider, median, pass_="train_step"):
+    return {"model": model, "provider": provider, "batch": 2 if pass_ == "train_step" else 1,
+            "image_size": [800, 1333], "dtype": "float32", "pass": pass_, "median_ms": median, "p20_ms": median,
+            "p80_ms": median, "runs": 10, "images_per_s": 1.0, "peak_mem_gb": None}
+
+
+def test_end_to_end_targets_take_the_best_provider_of_each_side():
+    records = [
+        _e2e("DECO-R18", "stock-eager", 10.0),
+        _e2e("DECO-R18", "stock-eager-cl", 8.0),  # the best stock variant
+        _e2e("DECO-R18", "fused-eager", 7.0),
+        _e2e("DECO-R18", "fused-eager-cl", 5.0),  # the best fused one: 8 / 5 = 1.6x
+        _e2e("DECO-R50", "fused-cudagraph-cl", 2.0, "infer"),
+        _e2e("DETR-R50", "eager-cl", 5.0, "infer"),
+        _e2e("DETR-R50", "cudagraph", 4.0, "infer"),  # 4 / 2 = 2x
+    ]
+    add_speedups(records, e2e.STOCK_PROVIDERS)
+    outcomes = {o.target: o for o in evaluate(records)}
+    train = outcomes["DECO-R18 train step >= 1.5x best stock"]
+    assert train.status == "MET" and train.worst == pytest.approx(1.6)
+    inference = outcomes["DECO-R50 inference >= 1.5x DETR-R50"]
+    assert inference.status == "MET" and inference.worst == pytest.approx(2.0)
+    table = headline_table(records)
+    row = "| DECO-R18 | {} | train_step | 2 | 800x1333 | float32 | {} | 1.0 | - | {} |"
+    assert row.format("fused-eager-cl", "5.00", "2.00x | - | 1.60x") in table  # vs eager, compile, best stock
+    assert row.format("stock-eager", "10.00", "- | - | -") in table

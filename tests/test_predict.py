@@ -156,7 +156,27 @@ def test_checkpoint_errors(tmp_path):
 def test_kernels_override_rebuilds_with_the_same_weights(checkpoint_path):
     checkpoint = load_model_checkpoint(checkpoint_path)
     checkpoint["model_config"] = {**checkpoint["model_config"], "kernels": "fused"}
-    model = load_model(argparse.Namespace(kernels="stock"), checkpoint, torch.device("cpu"))
+    model = load_model(argparse.Namespace(kernels="stock", channels_last=None), checkpoint, torch.device("cpu"))
     assert model.config["kernels"] == "stock" and not model.training
     assert all(torch.equal(value, checkpoint["model"][key]) for key, value in model.state_dict().items())
-    assert load_model(argparse.Namespace(kernels=None), checkpoint, torch.device("cpu")).config["kernels"] == "fused"
+    default = load_model(argparse.Namespace(kernels=None, channels_last=None), checkpoint, torch.device("cpu"))
+    assert default.config["kernels"] == "fused"
+
+
+def _stem_is_channels_last(model) -> bool:
+    stem = model.backbone.body.conv1.weight  # 64 x 3 x 7 x 7: the two layouts differ
+    return stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+
+
+def test_channels_last_follows_the_training_config_unless_given(checkpoint_path):
+    checkpoint = load_model_checkpoint(checkpoint_path)
+
+    def load(channels_last):
+        return load_model(argparse.Namespace(kernels=None, channels_last=channels_last), checkpoint, torch.device("cpu"))
+
+    assert not _stem_is_channels_last(load(None))
+    checkpoint["config"] = {**checkpoint["config"], "channels_last": True}
+    model = load(None)
+    assert _stem_is_channels_last(model)
+    assert all(torch.equal(value, checkpoint["model"][key]) for key, value in model.state_dict().items())
+    assert not _stem_is_channels_last(load(False))

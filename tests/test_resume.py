@@ -47,13 +47,16 @@ def assert_states_equal(a: dict, b: dict, what: str) -> None:
             assert a[key] == b[key], f"{what}: {key}"
 
 
-def test_resume_is_bitwise_exact(data_dir, tmp_path):
-    straight = Trainer(config_for(data_dir, tmp_path / "straight", max_steps=TOTAL_STEPS))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_resume_is_bitwise_exact(data_dir, tmp_path, channels_last):
+    straight = Trainer(config_for(data_dir, tmp_path / "straight", max_steps=TOTAL_STEPS, channels_last=channels_last))
     assert straight.steps_per_epoch == 5
+    stem = next(p for p in straight.model.parameters() if p.dim() == 4)  # 64 x 3 x 7 x 7
+    assert stem.is_contiguous(memory_format=torch.channels_last) == channels_last != stem.is_contiguous()
     straight.fit()
     assert straight.step == TOTAL_STEPS and straight.epoch == 1
 
-    first = Trainer(config_for(data_dir, tmp_path / "split", max_steps=FIRST_STEPS))
+    first = Trainer(config_for(data_dir, tmp_path / "split", max_steps=FIRST_STEPS, channels_last=channels_last))
     first.fit()
     checkpoint_path = tmp_path / "split" / "last.pt"
     checkpoint = load_checkpoint(checkpoint_path)
@@ -67,7 +70,10 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path):
 
     del first
     torch.manual_seed(12345)  # a fresh process would not share the first run's generator state
-    resumed = Trainer(config_for(data_dir, tmp_path / "split", max_steps=TOTAL_STEPS), resume=str(checkpoint_path))
+    resumed = Trainer(
+        config_for(data_dir, tmp_path / "split", max_steps=TOTAL_STEPS, channels_last=channels_last),
+        resume=str(checkpoint_path),
+    )
     assert resumed.step == FIRST_STEPS
     resumed.fit()
     assert resumed.step == TOTAL_STEPS and resumed.epoch == 1

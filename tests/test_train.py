@@ -130,7 +130,13 @@ def test_train_options_override_the_preset_or_the_checkpoint(tmp_path):
     )
     config = config_from_args(args)
     assert config.lr == 0.001 and config.lr_drop_epochs == (3, 5) and config.amp == "bf16"
-    assert config.d_model == demo_config().d_model and config.data == "d"
+    assert config.d_model == demo_config().d_model and config.data == "d" and not config.channels_last
+    assert config_from_args(build_parser().parse_args(["train", "--data", "d", "--channels-last"])).channels_last
+    on = demo_config().replace(channels_last=True)
+    (tmp_path / "on.json").write_text(json.dumps(on.to_dict()))
+    args = ["train", "--data", "d", "--config", str(tmp_path / "on.json")]
+    assert config_from_args(build_parser().parse_args(args)).channels_last
+    assert not config_from_args(build_parser().parse_args([*args, "--no-channels-last"])).channels_last
     with pytest.raises(SystemExit):
         config_from_args(build_parser().parse_args(["train"]))
 

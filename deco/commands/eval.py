@@ -38,12 +38,17 @@ def add_parser(subparsers) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--eval-size``, ``--max-size`` and ``--kernels``, shared with ``deco predict``."""
+    """``--kernels``, ``--channels-last``, ``--eval-size`` and ``--max-size``, shared with ``deco predict``."""
     parser.add_argument(
         "--kernels",
         choices=("stock", "fused"),
         help="layer implementation: plain PyTorch or deco_kernels (default: the checkpoint's; the weights are "
         "the same either way)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="run the model on channels-last (NHWC) tensors (default: as the checkpoint was trained)",
     )
     parser.add_argument(
         "--eval-size",
@@ -82,7 +87,10 @@ def exit_code_on_input_error(command: Callable[[argparse.Namespace], int]) -> Ca
 
 def load_model(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.nn.Module:
     overrides = {"kernels": args.kernels} if args.kernels else {}
-    return build_model_from_checkpoint(checkpoint, device, **overrides)
+    channels_last = args.channels_last
+    if channels_last is None:
+        channels_last = bool((checkpoint.get("config") or {}).get("channels_last", False))
+    return build_model_from_checkpoint(checkpoint, device, channels_last=channels_last, **overrides)
 
 
 def _check_categories(model_categories: list[dict], dataset_categories: list[dict]) -> None:

@@ -26,6 +26,7 @@ OVERRIDES = {
     "clip_max_norm": "clip_max_norm",
     "amp": "amp",
     "kernels": "kernels",
+    "channels_last": "channels_last",
     "device": "device",
     "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every",
@@ -62,6 +63,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--amp", choices=["none", "bf16"], help="bf16 autocast")
     parser.add_argument("--kernels", choices=["auto", "fused", "stock"],
                         help="fused Triton/CUDA kernels or stock PyTorch layers (auto: fused on CUDA)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                        help="run the model on channels-last (NHWC) tensors (default: off, or the resumed run's)")
     parser.add_argument("--resume", help="checkpoint to continue exactly (its config is the starting point)")
     parser.add_argument("--device", help="auto (default), cpu, cuda; under torchrun cuda means cuda:LOCAL_RANK")
     parser.add_argument("--eval-every", type=int, help="evaluate every N epochs (0: never)")
