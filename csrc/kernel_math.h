@@ -701,14 +701,33 @@ constexpr int kGradTileHCL = 16;
 constexpr int kGradTileWCL = 32;
 static_assert(kGradTileWCL % kGradStrip == 0, "strips must not cross channels-last tiles");
 
-// A strip's inputs read straight from the source: tap row `row` of `reader`, from column col0. The reader is held
-// by value: a reference would give it an address, and ptxas then kept it on the stack.
-template <class Source>
-struct DirectRowInput {
-  DirectReader<Source> reader;
+// A strip's inputs read straight from a reader (DirectReader or InteriorReader): tap row `row`, from column
+// col0. The reader is held by value: a reference would give it an address, and ptxas then kept it on the stack.
+template <class Reader>
+struct ReaderRowInput {
+  Reader reader;
   int row, col0;
   DECO_HD float operator()(int k) const { return reader(row, col0 + k); }
 };
+
+// One thread's sums over the rows x cols pixels of its tile: acc[q] over its unit's taps, gy_sum (with_bias)
+// over grad y. `gy` reads grad y from the tile's corner, `input` the input at the unit's first tap of it.
+template <class GradReader, class InputReader>
+DECO_HD void weight_grad_tile_sums(const GradReader& gy, const InputReader& input, int rows, int cols, int taps,
+                                   bool with_bias, float (&acc)[kGradChunk], float& gy_sum) {
+  for (int row = 0; row < rows; ++row) {
+    for (int col0 = 0; col0 < cols; col0 += kGradStrip) {
+      float g[kGradStrip];
+      DECO_UNROLL
+      for (int k = 0; k < kGradStrip; ++k) g[k] = gy(row, col0 + k);
+      weight_grad_strip(g, ReaderRowInput<InputReader>{input, row, col0}, taps, acc);
+      if (with_bias) {
+        DECO_UNROLL
+        for (int k = 0; k < kGradStrip; ++k) gy_sum += g[k];
+      }
+    }
+  }
+}
 
 template <typename T, class Source>
 struct WeightGradDirectOp {
@@ -732,22 +751,28 @@ struct WeightGradDirectOp {
     const int taps = s.kw - j0 < work.chunk_width ? s.kw - j0 : work.chunk_width;
     const int rows = s.height - h0 < tiling.tile_h ? s.height - h0 : tiling.tile_h;
     const int cols = s.width - w0 < tiling.tile_w ? s.width - w0 : tiling.tile_w;
-    // grad y of the tile's pixels (zero beyond the image), and the input at tap (i, j0) of each of them.
-    const DirectReader<TensorSource<T>> gy{grad_out, s, b, c, h0, w0};
-    const DirectReader<Source> input{in, s, b, c, h0 + i - s.kh / 2, w0 + j0 - s.kw / 2};
+    // grad y of the tile's pixels, and the input at tap (i, j0) of each of them (window origin top, left).
+    const int top = h0 + i - s.kh / 2, left = w0 + j0 - s.kw / 2;
     float acc[kGradChunk] = {};
     float gy_sum = 0.0f;
-    for (int row = 0; row < rows; ++row) {
-      for (int col0 = 0; col0 < cols; col0 += kGradStrip) {
-        float g[kGradStrip];
-        DECO_UNROLL
-        for (int k = 0; k < kGradStrip; ++k) g[k] = gy(row, col0 + k);
-        weight_grad_strip(g, DirectRowInput<Source>{input, row, col0}, taps, acc);
-        if (unit == 0) {
-          DECO_UNROLL
-          for (int k = 0; k < kGradStrip; ++k) gy_sum += g[k];
-        }
+    bool interior = false;
+    if constexpr (IsTensorSource<Source>::value) {
+      // A whole tile whose window (the last strip's reads end taps - 1 columns past the tile) lies inside the
+      // image: no padding, so unchecked reads at constant offsets; the same sums in the same order.
+      interior = rows == tiling.tile_h && cols == tiling.tile_w && top >= 0 && top + rows <= s.height &&
+                 left >= 0 && left + cols + taps - 1 <= s.width;
+      if (interior) {
+        const InteriorReader<T> gy{grad_out.data + grad_out.layout.at(b, c, h0, w0), grad_out.layout.row,
+                                   grad_out.layout.col};
+        const InteriorReader<typename Source::Element> input{in.data + in.layout.at(b, c, top, left), in.layout.row,
+                                                             in.layout.col};
+        weight_grad_tile_sums(gy, input, rows, cols, taps, unit == 0, acc, gy_sum);
       }
+    }
+    if (!interior) {  // zero beyond the image: grad y past it adds nothing, the input there is the padding
+      const DirectReader<TensorSource<T>> gy{grad_out, s, b, c, h0, w0};
+      const DirectReader<Source> input{in, s, b, c, top, left};
+      weight_grad_tile_sums(gy, input, rows, cols, taps, unit == 0, acc, gy_sum);
     }
     DECO_UNROLL
     for (int q = 0; q < kGradChunk; ++q) {

@@ -34,7 +34,7 @@ LAYOUTS = ("contiguous", "channels_last", "strided")
 # (B, C, H, W, kh, kw): odd H and W, H or W of 1, maps smaller than the kernel, C not a multiple of any
 # block size, B of 1 and 3, kernels 1, 3, 7, 9, 13, 31 and rectangular, and maps spanning several tiles of
 # the CUDA kernels (16 x 64 conv, 32 x 32 NCHW and 16 x 32 channels-last weight gradient) with partial tiles on
-# both axes.
+# both axes and, at 37 x 70, channels-last weight-gradient tiles whose window lies inside the map (unchecked reads).
 DEPTHWISE_CASES = [
     (1, 1, 5, 5, 1, 1),
     (3, 5, 7, 9, 3, 3),
@@ -55,7 +55,8 @@ DEPTHWISE_CASES = [
 # norm bias), C not a power of two, maps smaller than the kernel, H or W of 1, a rectangular kernel, DECO's
 # 10 x 10 query grid with the SIM's 9 x 9, and wide C (the CUDA kernel's tiles of 8 and of 3 pixels). The CUDA
 # kernel's register-window strips of 8 pixels cross image rows (up to three rows, with lone pixels, where W < 8),
-# end short, or run past the image's end; on a 12 x 40 map most strips lie inside the image (unchecked reads).
+# end short, or run past the image's end; on a 12 x 40 map most strips lie inside the image (unchecked reads), and
+# on 20 x 70 so do some of the channels-last weight gradient's 16 x 32 tiles.
 DEPTHWISE_LAYERNORM_CASES = [
     (1, 1, 5, 5, 3, 3),
     (3, 5, 7, 9, 3, 3),
@@ -68,6 +69,7 @@ DEPTHWISE_LAYERNORM_CASES = [
     (2, 480, 3, 5, 7, 7),
     (1, 1100, 3, 4, 3, 3),
     (2, 24, 12, 40, 7, 7),
+    (1, 8, 20, 70, 7, 7),
 ]
 
 # (B, C, Hq, Wq, H, W, kh, kw): query grid upsampled (or, when smaller, downsampled) to the memory's H x W.

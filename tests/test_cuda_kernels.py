@@ -32,10 +32,10 @@ pytestmark = pytest.mark.skipif(not _cuda.is_available(), reason=f"deco_kernels.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Low-precision dtypes run on a subset of the cases (fp32 covers every case and layout).
-DEPTHWISE_LOW_PRECISION = [DEPTHWISE_CASES[i] for i in (1, 3, 9)]
+DEPTHWISE_LOW_PRECISION = [DEPTHWISE_CASES[i] for i in (1, 3, 9, 11)]
 UPSAMPLE_LOW_PRECISION = [UPSAMPLE_ADD_CONV_CASES[i] for i in (1, 4, 7)]
 POOL_LOW_PRECISION = [ADAPTIVE_POOL_CASES[i] for i in (0, 1, 4)]
-LAYERNORM_LOW_PRECISION = [DEPTHWISE_LAYERNORM_CASES[i] for i in (1, 3, 7)]
+LAYERNORM_LOW_PRECISION = [DEPTHWISE_LAYERNORM_CASES[i] for i in (1, 3, 7, 11)]
 
 
 @pytest.fixture(autouse=True)
