@@ -60,6 +60,14 @@ def _flatten(outputs) -> list[torch.Tensor]:
     return flat
 
 
+def _assert_results_close(actual, actual_grads, expected, expected_grads, what: str) -> None:
+    for index, (out, ref) in enumerate(zip(actual, expected)):
+        assert_close(out, ref, torch.float32, f"{what} output {index}")
+    assert set(actual_grads) == set(expected_grads)
+    for name, grad in actual_grads.items():
+        assert_close(grad, expected_grads[name], torch.float32, f"{what} gradient of {name}")
+
+
 def _run(model, images, weights):
     model.zero_grad()
     flat = _flatten(model(images))
@@ -118,23 +126,26 @@ def test_fused_model_matches_stock(backend, channels_last):
     if channels_last:
         assert counter.map_formats == {"channels_last"}
 
-    for index, (out, ref) in enumerate(zip(actual, expected)):
-        assert_close(out, ref, torch.float32, f"output {index}")
-    assert set(actual_grads) == set(expected_grads)
-    for name, grad in actual_grads.items():
-        assert_close(grad, expected_grads[name], torch.float32, f"gradient of {name}")
+    _assert_results_close(actual, actual_grads, expected, expected_grads, "fused")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize(
+    "backend, compiler",
+    [("triton", "aot_eager"), ("cuda", "aot_eager"), ("cuda", "inductor")],
+    ids=["triton-aot_eager", "cuda-aot_eager", "cuda-inductor"],
+)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_fused_model_compiles_as_one_graph(backend, channels_last):
-    """torch.compile(fullgraph=True) of the whole fused model: every kernel op traces (no graph break), and the
-    compiled forward and gradients equal eager ones (aot_eager: the graph is compiled, the ops run as they
-    are), in either layout (the fake implementations give the kernels' output strides). On the CPU "cuda" is
-    the extension's CPU build."""
+def test_fused_model_compiles_as_one_graph(backend, compiler, channels_last):
+    """torch.compile(fullgraph=True) of the whole fused model, in either layout: every kernel op traces (no graph
+    break), and the compiled training step equals eager. aot_eager compiles the graph and runs its ops as they
+    are; Inductor generates the code around the kernel ops, as the "fused-compile" benchmark rows run it (not
+    with Triton's interpreter, which would take minutes). That the fake implementations give the kernels'
+    output strides is opcheck's part (test_registration). On the CPU "cuda" is the extension's CPU build. The
+    backbone is frozen, as in test_fused_model_matches_stock: Inductor's fused conv epilogues round
+    differently, which can move a ReLU kink."""
     _skip_unless_available(backend)
     torch.manual_seed(0)
-    model = models.build_deco(kernels="fused", **TINY).to(KERNEL_DEVICE)
+    model = models.build_deco(kernels="fused", **{**TINY, "freeze_backbone_stages": 4}).to(KERNEL_DEVICE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 64, 96, device=KERNEL_DEVICE)
@@ -142,14 +153,10 @@ def test_fused_model_compiles_as_one_graph(backend, channels_last):
         with torch.no_grad():
             weights = [torch.randn_like(out) for out in _flatten(model(images))]
         expected, expected_grads = _run(model, images, weights)
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(model, backend=compiler, fullgraph=True)
         actual, actual_grads = _run(compiled, images, weights)
     actual_grads = {name.removeprefix("_orig_mod."): grad for name, grad in actual_grads.items()}
-    for index, (out, ref) in enumerate(zip(actual, expected)):
-        assert_close(out, ref, torch.float32, f"compiled output {index}")
-    assert set(actual_grads) == set(expected_grads)
-    for name, grad in actual_grads.items():
-        assert_close(grad, expected_grads[name], torch.float32, f"compiled gradient of {name}")
+    _assert_results_close(actual, actual_grads, expected, expected_grads, "compiled")
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -178,30 +185,3 @@ def test_channels_last_fused_model_copies_no_activation(backend):
         if len(shape) == 4 and shape[0] == images.shape[0] and min(shape[1:]) > 1 and shape[1] != 3
     ]
     assert copies == []
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_fused_model_under_inductor_matches_eager(channels_last):
-    """torch.compile with its default back end (Inductor, which generates the code around the kernel ops), as
-    the "fused-compile" benchmark rows run it: the compiled training step equals eager, in either layout. (That
-    the fake implementations give the kernels' output strides is opcheck's part, in test_registration.) The
-    backbone is frozen, as in test_fused_model_matches_stock: Inductor's fused conv epilogues round
-    differently, which can move a ReLU kink."""
-    backend = "cuda"  # the extension (its CPU build on the CPU); Triton's interpreter would make this minutes
-    _skip_unless_available(backend)
-    torch.manual_seed(0)
-    model = models.build_deco(kernels="fused", **{**TINY, "freeze_backbone_stages": 4}).to(KERNEL_DEVICE)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 64, 96, device=KERNEL_DEVICE)
-    with deco_kernels.use_backend(backend):
-        with torch.no_grad():
-            weights = [torch.randn_like(out) for out in _flatten(model(images))]
-        expected, expected_grads = _run(model, images, weights)
-        actual, actual_grads = _run(torch.compile(model, fullgraph=True), images, weights)
-    actual_grads = {name.removeprefix("_orig_mod."): grad for name, grad in actual_grads.items()}
-    for index, (out, ref) in enumerate(zip(actual, expected)):
-        assert_close(out, ref, torch.float32, f"compiled output {index}")
-    assert set(actual_grads) == set(expected_grads)
-    for name, grad in actual_grads.items():
-        assert_close(grad, expected_grads[name], torch.float32, f"compiled gradient of {name}")
