@@ -232,6 +232,12 @@ struct InteriorReader {
   DECO_HD float operator()(int i, int c) const { return static_cast<float>(origin[i * row + c * col]); }
 };
 
+// An InteriorReader of a stored tensor whose window origin is (b, c, y, x).
+template <typename T>
+DECO_HD InteriorReader<T> interior_reader(const TensorSource<T>& in, int b, int c, int y, int x) {
+  return InteriorReader<T>{in.data + in.layout.at(b, c, y, x), in.layout.row, in.layout.col};
+}
+
 template <class Source>
 struct IsTensorSource : std::false_type {};
 template <typename T>
@@ -246,9 +252,7 @@ DECO_HD void direct_conv_strip(const Source& in, const ConvShape& s, const ConvW
   const int top = y - s.kh / 2, left = x - s.kw / 2;
   if constexpr (IsTensorSource<Source>::value) {
     if (top >= 0 && top + s.kh <= s.height && left >= 0 && left + N + s.kw - 1 <= s.width) {
-      const InteriorReader<typename Source::Element> reader{in.data + in.layout.at(b, c, top, left), in.layout.row,
-                                                            in.layout.col};
-      conv_strip(reader, weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
+      conv_strip(interior_reader(in, b, c, top, left), weight.channel(c), weight.tap_stride, s.kh, s.kw, acc);
       return;
     }
   }
@@ -761,13 +765,9 @@ struct WeightGradDirectOp {
       // image: no padding, so unchecked reads at constant offsets; the same sums in the same order.
       interior = rows == tiling.tile_h && cols == tiling.tile_w && top >= 0 && top + rows <= s.height &&
                  left >= 0 && left + cols + taps - 1 <= s.width;
-      if (interior) {
-        const InteriorReader<T> gy{grad_out.data + grad_out.layout.at(b, c, h0, w0), grad_out.layout.row,
-                                   grad_out.layout.col};
-        const InteriorReader<typename Source::Element> input{in.data + in.layout.at(b, c, top, left), in.layout.row,
-                                                             in.layout.col};
-        weight_grad_tile_sums(gy, input, rows, cols, taps, unit == 0, acc, gy_sum);
-      }
+      if (interior)
+        weight_grad_tile_sums(interior_reader(grad_out, b, c, h0, w0), interior_reader(in, b, c, top, left), rows,
+                              cols, taps, unit == 0, acc, gy_sum);
     }
     if (!interior) {  // zero beyond the image: grad y past it adds nothing, the input there is the padding
       const DirectReader<TensorSource<T>> gy{grad_out, s, b, c, h0, w0};

@@ -245,12 +245,14 @@ def load_model_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def build_model_from_checkpoint(
-    checkpoint: dict, device: torch.device | str = "cpu", channels_last: bool = False, **overrides
+    checkpoint: dict, device: torch.device | str = "cpu", channels_last: bool | None = None, **overrides
 ) -> torch.nn.Module:
     """``build_deco(**checkpoint["model_config"], **overrides)`` with the checkpoint's weights loaded
-    (strictly), moved to ``device`` (channels-last if asked) and put in eval mode. The backbone's
-    pretrained-weights file named in the config is not read (the checkpoint holds all weights and that file may
-    not exist here)."""
+    (strictly), moved to ``device`` and put in eval mode; channels-last if asked, by default as the checkpoint's
+    training run was (its ``config``). The backbone's pretrained-weights file named in the config is not read
+    (the checkpoint holds all weights and that file may not exist here)."""
+    if channels_last is None:
+        channels_last = bool((checkpoint.get("config") or {}).get("channels_last", False))
     model = build_deco(**{**checkpoint["model_config"], "backbone_weights": None, **overrides})
     model.load_state_dict(checkpoint["model"])
     model = model.to(device)

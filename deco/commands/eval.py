@@ -87,10 +87,7 @@ def exit_code_on_input_error(command: Callable[[argparse.Namespace], int]) -> Ca
 
 def load_model(args: argparse.Namespace, checkpoint: dict, device: torch.device) -> torch.nn.Module:
     overrides = {"kernels": args.kernels} if args.kernels else {}
-    channels_last = args.channels_last
-    if channels_last is None:
-        channels_last = bool((checkpoint.get("config") or {}).get("channels_last", False))
-    return build_model_from_checkpoint(checkpoint, device, channels_last=channels_last, **overrides)
+    return build_model_from_checkpoint(checkpoint, device, channels_last=args.channels_last, **overrides)
 
 
 def _check_categories(model_categories: list[dict], dataset_categories: list[dict]) -> None:
