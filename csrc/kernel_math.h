@@ -1099,16 +1099,28 @@ DECO_HD float layer_norm_lane_centred_squares(const float* row, int channels, in
   return sum;
 }
 
+// a * b rounded to fp32 on both builds, never fused into a neighbouring add. The LayerNorm backward's g' = g * w
+// enters both mean_c(g') and each g' - mean_c(g'): nvcc contracting g * w - mean into one FMA would subtract the
+// rounded mean from the exact product, leaving the product's rounding error (times rstd) where the exact result
+// is 0 (C = 1, or a constant g').
+DECO_HD float rounded_product(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 DECO_HD float layer_norm_lane_scaled_sum(const float* row, const float* scale, int channels, int lane) {
   float sum = 0.0f;
-  for (int c = lane; c < channels; c += kWarp) sum = fmaf(row[c], scale[c], sum);
+  for (int c = lane; c < channels; c += kWarp) sum += rounded_product(row[c], scale[c]);
   return sum;
 }
 
 DECO_HD float layer_norm_lane_scaled_dot(const float* row, const float* scale, const float* other, int channels,
                                          int lane) {
   float sum = 0.0f;
-  for (int c = lane; c < channels; c += kWarp) sum = fmaf(row[c] * scale[c], other[c], sum);
+  for (int c = lane; c < channels; c += kWarp) sum = fmaf(rounded_product(row[c], scale[c]), other[c], sum);
   return sum;
 }
 
@@ -1235,7 +1247,7 @@ struct ConvLayerNormBackwardPass {
     const int pixel = tiling.pixel(tile, p);
     if (pixel >= tiling.image_pixels) return;
     const int slot = p * s.channels + c;
-    const float centred = g_tile[slot] * norm_weight[c] - mean_g_tile[p];
+    const float centred = rounded_product(g_tile[slot], norm_weight[c]) - mean_g_tile[p];
     const float value = fmaf(-xhat_tile[slot], mean_g_xhat_tile[p], centred) * rstd[tiling.flat_pixel(tile, p)];
     grad_y[grad_y_layout.at(tiling.image(tile), c, pixel / s.width, pixel % s.width)] = static_cast<T>(value);
   }

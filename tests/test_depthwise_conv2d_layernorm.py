@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DEPTHWISE_LAYERNORM_CASES, DTYPES, LAYOUTS, assert_close, case_id, make_input
+from kernel_cases import (
+    DEPTHWISE_LAYERNORM_CASES, DTYPES, KERNEL_DEVICE, LAYOUTS, assert_close, case_id, make_input,
+)
 from test_depthwise_conv2d import TARGETS, check_op_against_reference
 
 import deco_kernels
@@ -80,9 +82,10 @@ def test_every_gpu_tile(tile, monkeypatch):
     channels = tile.block_c // 2 + 3
     width = 2 * tile.block_p // 3 + 1
     layout = ("contiguous", "channels_last")[triton_fused.TILES.index(tile) % 2]
-    x = make_input((3, channels, 3, width), torch.float32, layout)
+    x = make_input((3, channels, 3, width), torch.float32, layout, device=KERNEL_DEVICE)
+    parameters = list(make_parameters(channels, 3, 5, KERNEL_DEVICE))
     check_op_against_reference(
-        fused("triton"), reference.depthwise_conv2d_layernorm, [x], list(make_parameters(channels, 3, 5, "cpu")),
+        fused("triton"), reference.depthwise_conv2d_layernorm, [x], parameters,
         torch.float32, output_format=torch.contiguous_format,
     )
 
@@ -181,8 +184,8 @@ def test_empty_batch(device, backend):
 
 def test_primitives_write_every_element_of_their_outputs():
     """The Triton launcher contract directly: poisoned outputs come back finite, in the documented layouts."""
-    x = make_input((2, 17, 9, 10), torch.bfloat16, "channels_last")
-    weight, bias, norm_weight, norm_bias = make_parameters(17, 7, 3, "cpu")
+    x = make_input((2, 17, 9, 10), torch.bfloat16, "channels_last", device=KERNEL_DEVICE)
+    weight, bias, norm_weight, norm_bias = make_parameters(17, 7, 3, KERNEL_DEVICE)
     with poisoned_outputs():
         out, mean, rstd = triton_fused.depthwise_conv2d_layernorm_forward(x, weight, bias, norm_weight, norm_bias,
                                                                           1e-6)
@@ -205,8 +208,8 @@ def test_primitives_write_every_element_of_their_outputs():
 
 def test_saved_statistics_are_those_of_the_conv_output():
     """mean and rstd saved for backward: the per-pixel LayerNorm statistics of the conv output (B x H x W)."""
-    x = make_input((2, 9, 5, 7), torch.float32, "contiguous")
-    weight, bias, norm_weight, norm_bias = make_parameters(9, 5, 5, "cpu")
+    x = make_input((2, 9, 5, 7), torch.float32, "contiguous", device=KERNEL_DEVICE)
+    weight, bias, norm_weight, norm_bias = make_parameters(9, 5, 5, KERNEL_DEVICE)
     _, mean, rstd = torch.ops.deco_kernels.depthwise_conv2d_layernorm(
         x, weight, bias, norm_weight, norm_bias, 1e-6, "triton")
     y = reference.depthwise_conv2d(x.double(), weight.double(), bias.double())
@@ -259,7 +262,7 @@ def test_bad_eps(eps):
 
 
 def test_torch_backend_is_the_reference():
-    args = _arguments((2, 3, 6, 5))
+    args = [a.to(KERNEL_DEVICE) for a in _arguments((2, 3, 6, 5))]
     out = deco_kernels.depthwise_conv2d_layernorm(*args, eps=1e-3, backend="torch")
     assert out.is_contiguous() and out.shape == (2, 6, 5, 3)
     assert torch.equal(out, reference.depthwise_conv2d_layernorm(*args, eps=1e-3))

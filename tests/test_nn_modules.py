@@ -52,17 +52,17 @@ def test_depthwise_forward_and_gradients_match_conv2d():
 
 def test_forward_layer_norm_is_the_conv_then_the_norm():
     """DepthwiseConv2d.forward_layer_norm(x, norm) == norm(conv(x).permute(0, 2, 3, 1)), with every gradient."""
-    conv = _depthwise_conv(5, 7)
-    norm = nn.LayerNorm(5, eps=1e-6)
+    conv = _depthwise_conv(5, 7).to(KERNEL_DEVICE)
+    norm = nn.LayerNorm(5, eps=1e-6, device=KERNEL_DEVICE)
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
-    x = torch.randn(2, 5, 9, 11)
+    x = torch.randn(2, 5, 9, 11, device=KERNEL_DEVICE)
     expected = norm(conv(x).permute(0, 2, 3, 1))
     expected.square().sum().backward()
     for backend in ("torch", "triton"):
-        module = fused_nn.DepthwiseConv2d.from_conv2d(_depthwise_conv(5, 7), backend=backend)
+        module = fused_nn.DepthwiseConv2d.from_conv2d(_depthwise_conv(5, 7), backend=backend).to(KERNEL_DEVICE)
         module.load_state_dict(conv.state_dict())
-        module_norm = nn.LayerNorm(5, eps=1e-6)
+        module_norm = nn.LayerNorm(5, eps=1e-6, device=KERNEL_DEVICE)
         module_norm.load_state_dict(norm.state_dict())
         out = module.forward_layer_norm(x, module_norm)
         out.square().sum().backward()

@@ -205,7 +205,10 @@ def _conv_layernorm_backward_kernel(
             sum_g_xhat += tl.sum(g * xhat, axis=0, keep_dims=True)
             sum_g += tl.sum(g, axis=0, keep_dims=True)
         if GRAD_Y:
-            g_scaled = g * tl.load(nw_ptr + cs, mask=c_ok, other=0.0)
+            # An explicitly rounded product (fma with +0 is not folded into a multiply): with g * w, LLVM would
+            # contract g_scaled - mean_g into one FMA on the exact product, leaving its rounding error times rstd
+            # where the exact result is 0 (C = 1).
+            g_scaled = tl.fma(g, tl.load(nw_ptr + cs, mask=c_ok, other=0.0), 0.0)
             mean_g = tl.sum(g_scaled, axis=1, keep_dims=True) / C
             mean_g_xhat = tl.sum(g_scaled * xhat, axis=1, keep_dims=True) / C
             grad_y = (g_scaled - mean_g - xhat * mean_g_xhat) * rstd
