@@ -369,3 +369,18 @@ def test_end_to_end_targets_take_the_best_provider_of_each_side():
     row = "| DECO-R18 | {} | train_step | 2 | 800x1333 | float32 | {} | 1.0 | - | {} |"
     assert row.format("fused-eager-cl", "5.00", "2.00x | - | 1.60x") in table  # vs eager, compile, best stock
     assert row.format("stock-eager", "10.00", "- | - | -") in table
+
+
+COMMITTED_RESULTS = sorted(p for p in (REPO / "benchmarks" / "results").glob("*.json") if not p.stem.endswith("-host"))
+
+
+@pytest.mark.parametrize("path", COMMITTED_RESULTS, ids=lambda p: p.name)
+def test_committed_results_follow_the_schema(path):
+    """Every results file under benchmarks/results/ loads and validates, names the run's GPU, and has its rendered
+    tables beside it, whose headline is the one its records give now."""
+    document = load(path)
+    assert document["device"].startswith("NVIDIA "), "committed results come from a real GPU run"
+    assert document["date"] in path.stem
+    tables = path.with_suffix(".md")
+    assert tables.is_file(), f"{tables.name} missing: run python -m benchmarks.report render {path}"
+    assert headline_table(document["records"]) in tables.read_text()
