@@ -28,6 +28,7 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -147,8 +148,11 @@ def _row(model_key: str, provider: str, dtype: str, pass_: str, args) -> dict:
     }
 
 
-def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device: torch.device) -> dict:
-    """Build, warm up and time one (model, provider, dtype, pass); returns its record."""
+def build_step(
+    model_key: str, provider: str, dtype: str, pass_: str, args, device: torch.device
+) -> tuple[Callable[[object], None], dict]:
+    """One (model, provider, dtype, pass) built on ``device``: its step (a training step: forward, loss with
+    matching, backward, clipping and AdamW; or one inference) and the fields of its record."""
     from deco.losses import build_criterion
 
     torch.manual_seed(0)
@@ -194,6 +198,13 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
             with torch.no_grad(), _autocast(dtype, device):
                 runner(images, mask)
 
+    return step, row
+
+
+def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device: torch.device) -> dict:
+    """Build, warm up and time one (model, provider, dtype, pass); returns its record."""
+    step, row = build_step(model_key, provider, dtype, pass_, args, device)
+    batch = row["batch"]
     started = time.perf_counter()
     step(None)  # first call: compilation, graph capture, cuDNN/Triton autotuning, allocator growth
     if device.type == "cuda":
@@ -222,7 +233,7 @@ def run_one(model_key: str, provider: str, dtype: str, pass_: str, args, device:
     return record
 
 
-def _release_memory(device: torch.device) -> None:
+def release_memory(device: torch.device) -> None:
     # The last model, its graphs and optimizer state are garbage once run_one returned; free them before the next.
     gc.collect()
     if device.type == "cuda":
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.exception("%s %s %s %s failed", model_key, provider, dtype, pass_)
                     continue
                 finally:
-                    _release_memory(device)
+                    release_memory(device)
                 results.add(record)
                 log.info(
                     "%s %-18s %-9s %-10s %8.2f ms  %7.1f img/s  peak %s GB",

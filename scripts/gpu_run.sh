@@ -6,6 +6,8 @@
 #   bash scripts/gpu_run.sh bench          # one device call; repeat it to continue (below)
 #   bash scripts/gpu_run.sh e2e            # one device call; repeat it to continue
 #   bash scripts/gpu_run.sh autotune       # optional: torch.compile max-autotune baselines on the target shapes
+#   bash scripts/gpu_run.sh profile        # where the time goes: benchmarks.breakdown (ops, DECO-R18 steps with
+#                                          # Chrome traces) and ncu of the max pool backward; about 6 minutes
 #   bash scripts/gpu_run.sh demo           # the README's main job (deco demo) on the GPU, fused kernels, 4 minutes;
 #                                          # needs pycocotools: run scripts/device_wheels.sh here, carry .whl
 #   bash scripts/gpu_run.sh all            # everything in order (only where no 10-minute limit applies)
@@ -22,9 +24,10 @@
 # step then continues those files (same GPU, torch and triton) and measures only the rows they lack.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench and autotune), e2e.log, e2e-<gpu>.json,
-# autotune.log, demo.log, demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
+# autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, demo.log, demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
-# python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead); GPU_RUN_CARRIED names another
+# python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead), PROFILE_OPS_ARGS and
+# PROFILE_E2E_ARGS (of python -m benchmarks.breakdown ops / e2e); GPU_RUN_CARRIED names another
 # directory of carried results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -179,6 +182,29 @@ step_e2e() {
     report_targets
 }
 
+step_profile() {
+    ensure_build
+    note "breakdowns -> profile.txt, traces.tar.gz, ncu-max-pool-backward.txt"
+    # Where the rows' time goes: op calls (wall vs device, kernels ranked), DECO-R18 steps (host vs device time,
+    # launches; Chrome traces of each step), and Nsight Compute's view of the adaptive max pool's backward.
+    local traces=/tmp/deco-traces
+    {
+        # shellcheck disable=SC2086
+        timeout "$(left 150)" python -m benchmarks.breakdown ops ${PROFILE_OPS_ARGS:-}
+        # shellcheck disable=SC2086
+        timeout "$(left 200)" python -m benchmarks.breakdown e2e --trace-dir "$traces" ${PROFILE_E2E_ARGS:-}
+    } >"$OUT/profile.txt" 2>&1 || STATUS=1
+    grep -E "^#####|fwd\+bwd: wall" "$OUT/profile.txt"
+    [[ -d $traces ]] && tar czf "$OUT/traces.tar.gz" -C "$(dirname "$traces")" "$(basename "$traces")"
+    if command -v ncu >/dev/null; then
+        timeout "$(left 120)" ncu --kernel-name regex:MaxPoolBackward --launch-skip 3 --launch-count 1 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+            --section Occupancy --section LaunchStats --section WarpStateStats \
+            python -m benchmarks.breakdown ops --ops adaptive_max_pool2d --groups stride8 --dtypes float32 \
+            --providers deco-cuda --runs 2 >"$OUT/ncu-max-pool-backward.txt" 2>&1 || echo "ncu: rc $?"
+    fi
+}
+
 step_demo() {
     ensure_build
     note "deco demo on the GPU -> demo-$GPU.json (log: demo.log)"
@@ -205,9 +231,10 @@ for step in "${steps[@]}"; do
         bench) step_bench ;;
         autotune) step_autotune ;;
         e2e) step_e2e ;;
+        profile) step_profile ;;
         demo) step_demo ;;
         all) step_test; step_bench; step_e2e; step_autotune ;;
-        *) echo "unknown step '$step'; expected build, test, bench, e2e, autotune, demo or all" >&2; exit 2 ;;
+        *) echo "unknown step '$step'; expected build, test, bench, e2e, autotune, profile, demo or all" >&2; exit 2 ;;
     esac
 done
 note "done (status $STATUS); files in $OUT:"

@@ -13,7 +13,7 @@ from subprocess_env import REPO, repo_environment
 
 sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the installed ones, not inside them
 
-from benchmarks import e2e, host_overhead, roofline  # noqa: E402
+from benchmarks import breakdown, e2e, host_overhead, roofline  # noqa: E402
 from benchmarks.cases import OPS, cases  # noqa: E402
 from benchmarks.check_targets import evaluate  # noqa: E402
 from benchmarks.report import headline_table, render  # noqa: E402
@@ -384,3 +384,23 @@ def test_committed_results_follow_the_schema(path):
     tables = path.with_suffix(".md")
     assert tables.is_file(), f"{tables.name} missing: run python -m benchmarks.report render {path}"
     assert headline_table(document["records"]) in tables.read_text()
+
+
+def test_op_breakdown_runs_on_cpu(one_thread, capsys):
+    """On the CPU the breakdown runs each op's smoke case; the kernel providers are skipped with the reason."""
+    assert breakdown.main(["ops", "--ops", "depthwise_conv2d", "--dtypes", "float32", "--runs", "1",
+                           "--providers", "deco-cuda,eager-nchw"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("depthwise_conv2d smoke-") and "eager-nchw fwd+bwd: wall" in line for line in lines)
+    assert any("deco-cuda: skipped (deco-cuda needs a CUDA device" in line for line in lines)
+    with pytest.raises(SystemExit, match="--ops: unknown"):
+        breakdown.main(["ops", "--ops", "conv3d"])
+
+
+def test_step_breakdown_writes_a_trace_per_row(tmp_path, one_thread, capsys):
+    assert breakdown.main(["e2e", "--providers", "stock-eager", "--passes", "train_step", "--runs", "1",
+                           "--trace-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "##### deco-r18-stock-eager-train_step: wall" in out and "launches" in out
+    trace = json.loads((tmp_path / "deco-r18-stock-eager-train_step.json").read_text())
+    assert any(event.get("name") == "aten::convolution" for event in trace["traceEvents"])

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ def _gpu_run(out, carried, *steps, providers):
         BENCH_ARGS=f"{_SMOKE_BENCH} --bench-providers {providers}",
         E2E_ARGS=_SMOKE_E2E,
         HOST_ARGS="--calls 2 --repeats 1 --ops adaptive_max_pool2d --backends torch",
+        PROFILE_OPS_ARGS="--ops adaptive_max_pool2d --dtypes float32 --runs 1",
+        PROFILE_E2E_ARGS="--providers fused-eager --passes infer --runs 1",
     )
     done = subprocess.run(
         ["bash", "scripts/gpu_run.sh", *steps], cwd=REPO, env=environment, capture_output=True, text=True, timeout=600
@@ -67,3 +70,11 @@ def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
     assert {r["provider"] for r in second[len(first):]} == {"eager-cl"}  # only the missing rows were measured
     e2e = json.loads((second_out / f"e2e-{gpu}.json").read_text())["records"]
     assert [(r["model"], r["provider"], r["pass"]) for r in e2e] == [("DECO-R18", "stock-eager", "infer")]
+
+
+def test_profile_step_writes_breakdowns_and_traces(tmp_path):
+    log = _gpu_run(tmp_path, tmp_path / "none", "profile", providers="eager-nchw")
+    assert "adaptive_max_pool2d smoke" in log and "eager-nchw fwd+bwd: wall" in log
+    assert "##### deco-r18-fused-eager-infer: wall" in log
+    with tarfile.open(tmp_path / "traces.tar.gz") as archive:
+        assert archive.getnames() == ["deco-traces", "deco-traces/deco-r18-fused-eager-infer.json"]

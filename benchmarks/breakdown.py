@@ -1,0 +1,177 @@
+"""Where the time of a benchmark row goes: torch.profiler breakdowns of op calls and end-to-end steps.
+
+``python -m benchmarks.breakdown ops [--ops ...] [--groups deco,stride8] [--dtypes float32,bfloat16]``
+``python -m benchmarks.breakdown e2e [--models deco-r18] [--providers stock-eager,fused-eager] [--trace-dir DIR]``
+
+The microbenchmarks and ``benchmarks.e2e`` give one median per row; this says what is inside it, to decide
+what to tune next (a diagnostic: it prints text, and nothing here is a result of record).
+
+- ``ops``: each selected case, fwd+bwd, for each provider: the wall time per call back to back (host-bound
+  when it exceeds the device time), the device time per call summed over its kernels, and the kernels ranked.
+  Default cases: the fwd+bwd rows of batch <= 8 that the speed targets are judged on (kernel 9; 7 for the conv
+  + LayerNorm op).
+- ``e2e``: each (model, provider, pass) of ``benchmarks.e2e``'s steps: wall time per step, host CPU time and
+  device time per step (the profiler's self totals), kernel launches per step, then the ops ranked by host time
+  and the kernels by device time. ``--trace-dir`` writes one Chrome trace per row: gaps on the device timeline
+  show where the host holds the device up.
+
+On a machine without a GPU both run on the CPU (host time only) so that the code path is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks import e2e
+from benchmarks.cases import OPS, cases, comma_list
+from benchmarks.providers import make_inputs, provider_function, unavailable
+
+__all__ = ["main", "profile_step"]
+
+OP_PROVIDERS = ("deco-cuda", "deco-cuda-cl", "deco-triton", "eager-nchw", "eager-cl")
+_TARGET_KERNEL = {"depthwise_conv2d_layernorm": 7}
+
+
+def _kernel_events(events) -> list:
+    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+
+
+def profile_step(step: Callable[[], None], device: torch.device, runs: int, trace: Path | None = None):
+    """(wall ms per step over ``runs`` back-to-back steps, the profiler's key averages of ``runs`` more steps).
+
+    ``step`` is warmed up first (three calls). With ``trace``, the profiled steps go to that Chrome trace file.
+    """
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        step()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(runs):
+        step()
+    synchronize()
+    wall_ms = (time.perf_counter() - started) / runs * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(runs):
+            step()
+        synchronize()
+    if trace is not None:
+        profiler.export_chrome_trace(str(trace))
+    return wall_ms, profiler.key_averages()
+
+
+def _device_ms(averages, runs: int) -> float:
+    return sum(e.self_device_time_total for e in _kernel_events(averages)) / runs / 1e3
+
+
+def _top_kernels(averages, runs: int, limit: int) -> list[str]:
+    kernels = sorted(_kernel_events(averages), key=lambda e: -e.self_device_time_total)[:limit]
+    return [f"    {e.self_device_time_total / runs / 1e3:8.3f} ms  x{e.count // runs:<3d} {e.key[:100]}" for e in kernels]
+
+
+def _print_lines(lines: list[str]) -> None:
+    if lines:
+        print("\n".join(lines))
+
+
+def _op_cases(ops: list[str], groups: tuple[str, ...], device: torch.device):
+    if device.type != "cuda":
+        return [case for op in ops for case in cases(op, ("smoke",))[:1]]
+    selected = []
+    for op in ops:
+        kernel = _TARGET_KERNEL.get(op, 9)
+        selected += [c for c in cases(op, groups, (kernel,)) if c.batch in (2, 8)]
+    return selected
+
+
+def profile_ops(args, device: torch.device) -> None:
+    dtypes = [getattr(torch, name) for name in comma_list(args.dtypes)]
+    for case in _op_cases(comma_list(args.ops), tuple(comma_list(args.groups)), device):
+        for dtype in dtypes:
+            for provider in comma_list(args.providers):
+                reason = unavailable(provider, device)
+                if reason:
+                    print(f"{case.id} {provider}: skipped ({reason})")
+                    continue
+                inputs = make_inputs(case, dtype, provider, device)
+                function = provider_function(provider, case, dtype)
+
+                def step():
+                    output = function(*inputs.tensors, *inputs.extra)
+                    torch.autograd.grad(output, inputs.differentiable, torch.ones_like(output))
+
+                wall_ms, averages = profile_step(step, device, args.runs)
+                print(f"{case.op} {case.id} {str(dtype).removeprefix('torch.')} {provider} fwd+bwd: "
+                      f"wall {wall_ms:.3f} ms/call, device {_device_ms(averages, args.runs):.3f} ms/call")
+                _print_lines(_top_kernels(averages, args.runs, 6))
+
+
+def profile_e2e(args, device: torch.device) -> None:
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
+    settings = argparse.Namespace(smoke=device.type != "cuda", batch=args.batch, image_size=args.image_size)
+    for model_key in comma_list(args.models):
+        for provider in comma_list(args.providers):
+            for pass_ in comma_list(args.passes):
+                step, _ = e2e.build_step(model_key, provider, "float32", pass_, settings, device)
+                name = f"{model_key}-{provider}-{pass_}"
+                trace = Path(args.trace_dir) / f"{name}.json" if args.trace_dir else None
+                wall_ms, averages = profile_step(lambda: step(None), device, args.runs, trace)
+                launches = sum(e.count for e in averages if e.key.startswith("cudaLaunch")) / args.runs
+                host_ms = sum(e.self_cpu_time_total for e in averages) / args.runs / 1e3
+                print(f"##### {name}: wall {wall_ms:.2f} ms/step; per step under the profiler: host "
+                      f"{host_ms:.2f} ms, device {_device_ms(averages, args.runs):.2f} ms, {launches:.0f} launches")
+                print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+                _print_lines(_top_kernels(averages, args.runs, 10))
+                del step
+                e2e.release_memory(device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ops = commands.add_parser("ops", help="op calls, fwd+bwd: wall vs device time, kernels ranked")
+    ops.add_argument("--ops", default=",".join(OPS), help=f"comma list from {OPS}")
+    ops.add_argument("--groups", default="deco,stride8", help="shape groups (GPU; the CPU runs the smoke case)")
+    ops.add_argument("--dtypes", default="float32,bfloat16")
+    ops.add_argument("--providers", default=",".join(OP_PROVIDERS), help="comma list of benchmark providers")
+    ops.add_argument("--runs", type=int, default=10, help="back-to-back calls timed, then profiled")
+    steps = commands.add_parser("e2e", help="end-to-end steps: host vs device time, launches, ops and kernels")
+    steps.add_argument("--models", default="deco-r18", help=f"comma list from {e2e.MODELS}")
+    steps.add_argument("--providers", default="stock-eager,fused-eager", help="comma list of e2e providers")
+    steps.add_argument("--passes", default="infer,train_step")
+    steps.add_argument("--batch", type=int, default=2, help="training batch (inference uses 1)")
+    steps.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
+    steps.add_argument("--runs", type=int, default=3, help="steps timed, then profiled")
+    steps.add_argument("--trace-dir", default=None, help="write one Chrome trace per row here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.command == "ops":
+        unknown = sorted(set(comma_list(args.ops)) - set(OPS))
+        if unknown:
+            raise SystemExit(f"--ops: unknown {unknown}; expected among {OPS}")
+        profile_ops(args, device)
+    else:
+        if device.type != "cuda":
+            args.image_size = (64, 96)
+        profile_e2e(args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
