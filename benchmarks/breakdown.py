@@ -21,6 +21,7 @@ On a machine without a GPU both run on the CPU (host time only) so that the code
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import e2e
 from benchmarks.cases import OPS, cases, comma_list
-from benchmarks.providers import make_inputs, provider_function, unavailable
+from benchmarks.microbench import BenchEnv, host_call
+from benchmarks.providers import unavailable
 
 __all__ = ["main", "profile_step"]
 
@@ -97,6 +99,8 @@ def _op_cases(ops: list[str], groups: tuple[str, ...], device: torch.device):
 
 def profile_ops(args, device: torch.device) -> None:
     dtypes = [getattr(torch, name) for name in comma_list(args.dtypes)]
+    # The microbenchmarks' own calls (inputs, output gradient); no roofline here, so no bandwidth or peak.
+    env = BenchEnv(device, copy_bytes_per_s=0.0, peak_fp32_flops=None)
     for case in _op_cases(comma_list(args.ops), tuple(comma_list(args.groups)), device):
         for dtype in dtypes:
             for provider in comma_list(args.providers):
@@ -104,13 +108,7 @@ def profile_ops(args, device: torch.device) -> None:
                 if reason:
                     print(f"{case.id} {provider}: skipped ({reason})")
                     continue
-                inputs = make_inputs(case, dtype, provider, device)
-                function = provider_function(provider, case, dtype)
-
-                def step():
-                    output = function(*inputs.tensors, *inputs.extra)
-                    torch.autograd.grad(output, inputs.differentiable, torch.ones_like(output))
-
+                step = host_call(case, provider, dtype, "fwd+bwd", env)
                 wall_ms, averages = profile_step(step, device, args.runs)
                 print(f"{case.op} {case.id} {str(dtype).removeprefix('torch.')} {provider} fwd+bwd: "
                       f"wall {wall_ms:.3f} ms/call, device {_device_ms(averages, args.runs):.3f} ms/call")
@@ -127,7 +125,7 @@ def profile_e2e(args, device: torch.device) -> None:
                 step, _ = e2e.build_step(model_key, provider, "float32", pass_, settings, device)
                 name = f"{model_key}-{provider}-{pass_}"
                 trace = Path(args.trace_dir) / f"{name}.json" if args.trace_dir else None
-                wall_ms, averages = profile_step(lambda: step(None), device, args.runs, trace)
+                wall_ms, averages = profile_step(functools.partial(step, None), device, args.runs, trace)
                 launches = sum(e.count for e in averages if e.key.startswith("cudaLaunch")) / args.runs
                 host_ms = sum(e.self_cpu_time_total for e in averages) / args.runs / 1e3
                 print(f"##### {name}: wall {wall_ms:.2f} ms/step; per step under the profiler: host "
