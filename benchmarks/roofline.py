@@ -100,8 +100,8 @@ def _adaptive_pool(shape: dict, element_bytes: int, pass_: str, *, with_indices:
     out_bytes = n_out * (element_bytes + (_INDEX_BYTES if with_indices else 0))
     # fwd: read x, write y (and argmax); one compare (max) or add (avg) per window element.
     fwd = Cost(n * element_bytes + out_bytes, window_elements)
-    # bwd: read grad_y (and argmax), write grad_x; the max pool's gather adds one value per window, the
-    # average pool spreads every window's value over its elements.
+    # bwd: read grad_y (and argmax), write grad_x; the max pool adds one value per window (routed to its
+    # argmax), the average pool spreads every window's value over its elements.
     bwd = Cost(n * element_bytes + out_bytes, n_out if with_indices else window_elements)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
 

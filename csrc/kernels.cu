@@ -15,7 +15,8 @@
 //   no atomics. Channels-last: the same per-thread work with consecutive threads on consecutive channels,
 //   read through the cache (16 x 32 tiles, one thread per tile, tap chunk and channel; nothing to reduce
 //   within a tile).
-// - Pools and the query gradient: one thread per output element; backward passes are gathers.
+// - Pools and the query gradient: one thread per output element; the avg pool backward is a gather, the max
+//   pool backward passes one thread per window on a zero-filled gradient (adaptive_max_routed_grad).
 // - CIM back end (max pool of z + gamma * ffn, B x H x W x C): one thread per pooled element, c fastest so a
 //   warp reads consecutive channels; its gamma gradient sums grad_y * ffn[argmax] per (32-position split,
 //   channel), then adds each channel's splits in order: deterministic, no atomics.

@@ -369,6 +369,7 @@ struct Ops {
                       static_cast<int>(grad_y.size(2)), static_cast<int>(grad_y.size(3))};
     at::Tensor grad_x = pool_grad_input(grad_y, height, width, cl);
     if (grad_x.numel() == 0) return grad_x;
+    grad_x.zero_();  // the routing writes only the inputs some window picked
     DECO_DISPATCH_FLOATING(grad_y.scalar_type(), "adaptive_max_pool2d_backward", [&] {
       Backend::for_each(MaxPoolBackwardOp<scalar_t>{s, cl, source_of<scalar_t>(gyc, cl), ic.data_ptr<int64_t>(),
                                                     grad_x.data_ptr<scalar_t>(), layout_of(grad_x, cl)});
@@ -430,10 +431,14 @@ struct Ops {
     if (positions == 0) grad_gamma.zero_();
     DECO_DISPATCH_FLOATING(grad_y.scalar_type(), "scale_residual_max_pool_backward", [&] {
       const TensorSource<scalar_t> gy = source_of<scalar_t>(gyc, true);
-      if (grad_z.numel() > 0)
+      if (grad_z.numel() > 0) {
+        // The routing writes only the inputs some window picked.
+        grad_z.zero_();
+        grad_ffn.zero_();
         Backend::for_each(ScaleResidualMaxPoolBackwardOp<scalar_t>{
             s, gy, ic.data_ptr<int64_t>(), gc.data_ptr<float>(), grad_z.data_ptr<scalar_t>(),
             grad_ffn.data_ptr<scalar_t>(), layout_of(grad_z, true)});
+      }
       if (positions > 0 && s.channels > 0) {
         const int64_t splits = gamma_grad_splits(positions);
         at::Tensor partials = at::empty({splits, static_cast<int64_t>(s.channels)}, grad_gamma.options());

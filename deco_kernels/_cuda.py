@@ -173,7 +173,7 @@ def adaptive_max_pool2d_forward(x: torch.Tensor, output_size: Sequence[int] | in
 def adaptive_max_pool2d_backward(
     grad_y: torch.Tensor, indices: torch.Tensor, input_size: Sequence[int]
 ) -> torch.Tensor:
-    """grad_x: B x C x H x W for input_size (H, W), gathered (deterministic, no atomics)."""
+    """grad_x: B x C x H x W for input_size (H, W), routed from each window (deterministic, no atomics)."""
     return _ops().adaptive_max_pool2d_backward(grad_y, indices, _pair(input_size, "input_size"))
 
 
@@ -205,7 +205,7 @@ def scale_residual_max_pool_backward(
     picked_ffn: torch.Tensor,
     input_size: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_z, grad_ffn: B x H x W x C contiguous in grad_y's dtype, grad_gamma: C float32), gathered; grad_gamma
+    """(grad_z, grad_ffn: B x H x W x C contiguous in grad_y's dtype, grad_gamma: C float32), routed; grad_gamma
     is reduced in a fixed order (deterministic, no atomics)."""
     return tuple(
         _ops().scale_residual_max_pool_backward(grad_y, gamma, indices, picked_ffn, _pair(input_size, "input_size"))

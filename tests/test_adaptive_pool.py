@@ -197,6 +197,23 @@ def test_backward_is_deterministic(target, pool):
     assert torch.equal(first, second)
 
 
+def test_max_backward_routes_nothing_from_indices_outside_their_window(target):
+    """The raw backward op on indices no forward made: an index out of the plane or outside its own window routes
+    nothing (the backward writes at the picked element, so it must never write out of bounds)."""
+    device, backend = target
+    grad_y = torch.arange(1.0, 9.0).reshape(1, 2, 2, 2).to(device)
+    # 4 x 4 input, 2 x 2 windows: window (1, 1) holds elements 10, 11, 14, 15.
+    indices = torch.tensor([[[-1, 0], [16, 15]], [[1 << 40, 5], [8, 10]]]).reshape(1, 2, 2, 2).to(device)
+    grad_x = MAX_BACKWARD_OP(grad_y, indices, [4, 4], backend).cpu()
+    expected = torch.zeros(1, 2, 16)
+    # Channel 0: only window (1, 1) picked an element of its own. Channel 1: window (0, 1) picked 5 (row 1,
+    # column 1), outside it; (1, 0) and (1, 1) picked 8 and 10, inside.
+    expected[0, 0, 15] = 4.0
+    expected[0, 1, 8] = 7.0
+    expected[0, 1, 10] = 8.0
+    assert torch.equal(grad_x, expected.reshape(1, 2, 4, 4))
+
+
 @pytest.mark.parametrize("pool", ("max", "avg"))
 def test_double_backward(target, pool):
     """Both backwards are linear in grad_y; their adjoints (argmax gather, avg pool) match torch's."""
@@ -286,9 +303,12 @@ def test_torch_compile_fullgraph(target):
 
 
 def test_large_map_uses_the_large_block_config(target):
-    """grad_x of 16 x 64 x 64 has 2**16 elements: the backward launches with the large (BLOCK=512) config."""
+    """16 x 64 x 64 elements (2**16): the forward and avg backward launch with the large (BLOCK=512) config,
+    and the max backward, one lane per pooled window, with its large one when there are 2**16 windows."""
     device, backend = target
     assert triton_pool._config(16 * 64 * 64) == triton_pool.CONFIGS[1]
+    assert triton_pool._config(16 * 64 * 64, triton_pool.ROUTE_CONFIGS) == triton_pool.ROUTE_CONFIGS[1]
     x = make_input((1, 16, 64, 64), torch.float32, "channels_last", device=device)
     _check_max(x, (10, 10), backend, torch.float32)
+    _check_max(x, (64, 64), backend, torch.float32)
     _check_avg(x, (10, 10), backend, torch.float32)

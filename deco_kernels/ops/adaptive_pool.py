@@ -6,7 +6,8 @@ NaN propagates). Backend ``"torch"`` runs :mod:`deco_kernels.reference` with nat
 ``"cuda"`` go through one custom op per op (``deco_kernels::adaptive_max_pool2d``,
 ``deco_kernels::adaptive_avg_pool2d``), whose backward is a second custom op (``..._backward``), each with a
 fake implementation, so torch.compile traces them. The max pool's backward reuses the argmax saved by the
-forward; both backwards are gathers (deterministic, no atomics).
+forward: one thread per window routes grad_y to the argmax on a zero-filled gradient, the first window that
+picked an element writing the sum of all that did (deterministic, no atomics); the average backward is a gather.
 """
 
 from __future__ import annotations

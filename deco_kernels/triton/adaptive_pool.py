@@ -1,15 +1,18 @@
-"""Triton kernels for adaptive max / average pooling over the H x W plane, forward and gather backward.
+"""Triton kernels for adaptive max / average pooling over the H x W plane, forward and backward.
 
 Window rule (PyTorch's): output row ``i`` of ``OH`` covers input rows ``[floor(i*H/OH), ceil((i+1)*H/OH))``,
 likewise for columns. Windows overlap when ``H`` is not a multiple of ``OH`` (DECO pools 25 x 42 to 10 x 10),
 and an input row belongs to output rows ``[floor(h*OH/H), ceil((h+1)*OH/H))`` -- the same rule with the roles
-of input and output swapped. The backward kernels use that second range: every input pixel gathers from the
-few windows that contain it, so no two programs write the same element (no atomics, deterministic).
+of input and output swapped. The average backward uses that second range: every input pixel gathers from the
+few windows that contain it. The max backward runs one lane per window on a zero-filled gradient: the first
+window (row-major) among those that picked an input sums their gradients in that order and writes it, so each
+element is written by one program (no atomics, deterministic) and only pooled elements are visited.
 
-Every kernel walks a flat block of elements of its *output* (``y`` forward, ``grad_x`` backward) in that
-tensor's memory order (W fastest for NCHW, C fastest for channels-last, so stores and the matching loads are
-contiguous) and reads every tensor through its strides, so any strides work, including the stride-0 expanded
-gradient of ``.sum()``. Values are loaded in their storage dtype (fp32/fp16/bf16) and combined in fp32.
+Every kernel walks a flat block of elements of its *output* (``y`` forward, ``grad_x`` backward; for the max
+backward, the pooled windows in ``grad_x``'s order) in that tensor's memory order (W fastest for NCHW, C fastest
+for channels-last, so stores and the matching loads are contiguous) and reads every tensor through its strides,
+so any strides work, including the stride-0 expanded gradient of ``.sum()``. Values are loaded in their storage
+dtype (fp32/fp16/bf16) and combined in fp32.
 
 The launchers are the backend primitives of :mod:`deco_kernels.ops.adaptive_pool` (no autograd here).
 """
@@ -36,6 +39,9 @@ __all__ = [
 # (BLOCK, num_warps): the small block keeps enough programs in flight for DECO's 480 x 10 x 10 outputs, the
 # large one cuts the program count for big maps (DECO+ at stride 8, large batches).
 CONFIGS = ((256, 4), (512, 8))
+# The max backward's lanes are pooled windows, one per thread: its routing loop holds int64 indices and plane
+# pointers per lane, which spilled at two lanes per thread (sm_90a, the CIM back end).
+ROUTE_CONFIGS = ((128, 4), (256, 8))
 _LARGE_CONFIG_FROM = 1 << 16
 
 _INDEX_LIMIT = 2**31  # flat element numbers are 32-bit inside the kernels; memory offsets are 64-bit
@@ -94,31 +100,43 @@ def _offset(b, c, h, w, stride_b, stride_c, stride_h, stride_w):
 
 
 @triton.jit
-def _max_pool_gather(
-    grad_y_ptr, indices_ptr, b, c, h, w, valid,
+def _max_pool_route(
+    grad_y_ptr, indices_ptr, b, c, i, j, valid,
     H, W, OH, OW,
     g_stride_b, g_stride_c, g_stride_h, g_stride_w,
     i_stride_b, i_stride_c, i_stride_h, i_stride_w,
     max_windows_h, max_windows_w,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """fp32 sum of ``grad_y`` over the windows containing input pixel (b, c, h, w) whose argmax it is."""
-    i_start, i_end = _window(h, OH, H)
-    j_start, j_end = _window(w, OW, W)
-    me = (h * W + w).to(tl.int64)
+    """Where window (b, c, i, j) routes its gradient: ``(writes, picked, total)``.
+
+    The window's argmax (flat ``picked = h*W + w``) gets the fp32 sum of ``grad_y`` over every window whose argmax it is, added in
+    row-major window order; ``writes`` is True only for the first of those windows, so exactly one program
+    writes each picked input. An index outside its own window (only through the raw op) writes nothing.
+    """
+    # Offsets within a plane are 32-bit: grad_y and indices have fewer than 2**31 elements (_check_index_range).
     g_plane = grad_y_ptr + _plane_offset(b, c, g_stride_b, g_stride_c)
     i_plane = indices_ptr + _plane_offset(b, c, i_stride_b, i_stride_c)
-    acc = tl.zeros([BLOCK], tl.float32)
+    picked = tl.load(i_plane + i * i_stride_h + j * i_stride_w, mask=valid, other=-1)
+    writes = valid & (picked >= 0) & (picked < H * W)
+    safe = tl.where(writes, picked, 0)
+    i_start, i_end = _window((safe // W).to(tl.int32), OH, H)
+    j_start, j_end = _window((safe % W).to(tl.int32), OW, W)
+    writes = writes & (i >= i_start) & (i < i_end) & (j >= j_start) & (j < j_end)
+    total = tl.zeros([BLOCK], tl.float32)
     for di in range(0, max_windows_h):
-        i = (i_start + di).to(tl.int64)
-        row_ok = valid & (i < i_end)
+        wi = i_start + di
+        row_ok = writes & (wi < i_end)
         for dj in range(0, max_windows_w):
-            j = (j_start + dj).to(tl.int64)
-            inside = row_ok & (j < j_end)
-            chosen = tl.load(i_plane + i * i_stride_h + j * i_stride_w, mask=inside, other=-1)
-            grad = tl.load(g_plane + i * g_stride_h + j * g_stride_w, mask=inside & (chosen == me), other=0.0)
-            acc += grad.to(tl.float32)
-    return acc
+            wj = j_start + dj
+            inside = row_ok & (wj < j_end)
+            chosen = tl.load(i_plane + wi * i_stride_h + wj * i_stride_w, mask=inside, other=-1)
+            match = inside & (chosen == picked)
+            # An earlier window that picked the same input writes it.
+            writes = writes & ~(match & ((wi < i) | ((wi == i) & (wj < j))))
+            grad = tl.load(g_plane + wi * g_stride_h + wj * g_stride_w, mask=match, other=0.0)
+            total += grad.to(tl.float32)
+    return writes, picked, total
 
 
 @triton.jit
@@ -165,17 +183,19 @@ def _adaptive_max_pool2d_backward_kernel(
     max_windows_h, max_windows_w,
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    _, valid, b, c, h, w = _block_elements(total, C, H, W, CHANNELS_LAST, BLOCK)
-    acc = _max_pool_gather(
-        grad_y_ptr, indices_ptr, b, c, h, w, valid,
+    # One lane per pooled window (``total`` of them), on a zero-filled grad_x.
+    _, valid, b, c, i, j = _block_elements(total, C, OH, OW, CHANNELS_LAST, BLOCK)
+    writes, picked, routed = _max_pool_route(
+        grad_y_ptr, indices_ptr, b, c, i, j, valid,
         H, W, OH, OW,
         g_stride_b, g_stride_c, g_stride_h, g_stride_w,
         i_stride_b, i_stride_c, i_stride_h, i_stride_w,
         max_windows_h, max_windows_w,
         BLOCK,
     )  # fmt: skip
-    x_offset = _offset(b, c, h, w, x_stride_b, x_stride_c, x_stride_h, x_stride_w)
-    tl.store(grad_x_ptr + x_offset, acc.to(grad_x_ptr.dtype.element_ty), mask=valid)
+    picked = tl.where(writes, picked, 0)
+    x_offset = _offset(b, c, picked // W, picked % W, x_stride_b, x_stride_c, x_stride_h, x_stride_w)
+    tl.store(grad_x_ptr + x_offset, routed.to(grad_x_ptr.dtype.element_ty), mask=writes)
 
 
 @triton.jit
@@ -244,8 +264,8 @@ def _max_span(in_size: int, out_size: int) -> int:
     return max(-((-(i + 1) * in_size) // out_size) - (i * in_size) // out_size for i in range(out_size))
 
 
-def _config(total: int) -> tuple[int, int]:
-    return CONFIGS[1] if total >= _LARGE_CONFIG_FROM else CONFIGS[0]
+def _config(total: int, configs: tuple[tuple[int, int], ...] = CONFIGS) -> tuple[int, int]:
+    return configs[1] if total >= _LARGE_CONFIG_FROM else configs[0]
 
 
 def _grid(total: int, block: int) -> tuple[int]:
@@ -304,11 +324,12 @@ def adaptive_max_pool2d_backward(
     batch, channels, out_h, out_w = grad_y.shape
     height, width = input_size
     grad_x = empty_output((batch, channels, height, width), grad_y)
-    total = grad_x.numel()
-    if total == 0:
+    if grad_x.numel() == 0:
         return grad_x
-    _check_index_range({"grad_x": grad_x}, (height, width), (out_h, out_w))
-    block, num_warps = _config(total)
+    _check_index_range({"grad_x": grad_x, "grad_y": grad_y}, (height, width), (out_h, out_w))
+    grad_x.zero_()  # the routing writes only the inputs some window picked
+    total = grad_y.numel()
+    block, num_warps = _config(total, ROUTE_CONFIGS)
     _adaptive_max_pool2d_backward_kernel[_grid(total, block)](
         grad_y, indices, grad_x,
         total, channels, height, width, out_h, out_w,
@@ -404,6 +425,7 @@ def aot_cases() -> list[tuple[str, object, dict[str, str], dict[str, object], in
                     _strides("x") + _strides("y"),
                     forward_loops,
                 ),
+                CONFIGS,
             ),
             (
                 "adaptive_max_pool2d_backward",
@@ -413,11 +435,13 @@ def aot_cases() -> list[tuple[str, object, dict[str, str], dict[str, object], in
                     _strides("g") + _strides("i") + _strides("x"),
                     backward_loops,
                 ),
+                ROUTE_CONFIGS,
             ),
             (
                 "adaptive_avg_pool2d_forward",
                 _adaptive_avg_pool2d_forward_kernel,
                 _signature({"x_ptr": value, "y_ptr": value}, _strides("x") + _strides("y"), forward_loops),
+                CONFIGS,
             ),
             (
                 "adaptive_avg_pool2d_backward",
@@ -425,19 +449,20 @@ def aot_cases() -> list[tuple[str, object, dict[str, str], dict[str, object], in
                 _signature(
                     {"grad_y_ptr": value, "grad_x_ptr": value}, _strides("g") + _strides("x"), backward_loops
                 ),
+                CONFIGS,
             ),
         )
 
     cases = []
-    for block, num_warps in CONFIGS:
-        for channels_last in (False, True):
-            layout = "nhwc" if channels_last else "nchw"
-            for name, fn, signature in kernels("fp32"):
+    for channels_last in (False, True):
+        layout = "nhwc" if channels_last else "nchw"
+        for name, fn, signature, configs in kernels("fp32"):
+            for block, num_warps in configs:
                 constexprs = {"CHANNELS_LAST": channels_last, "BLOCK": block}
                 cases.append((f"{name}_fp32_{layout}_b{block}_w{num_warps}", fn, signature, constexprs, num_warps))
-    block, num_warps = CONFIGS[0]
     for dtype in ("fp16", "bf16"):
-        for name, fn, signature in kernels(dtype):
+        for name, fn, signature, configs in kernels(dtype):
+            block, num_warps = configs[0]
             constexprs = {"CHANNELS_LAST": False, "BLOCK": block}
             cases.append((f"{name}_{dtype}_nchw_b{block}_w{num_warps}", fn, signature, constexprs, num_warps))
     return cases

@@ -7,9 +7,10 @@ never written: the forward forms ``z + gamma * ffn`` in fp32 registers window by
 (flat ``h*W + w``, PyTorch's first-maximum / NaN rule).
 
 Backward, from the saved argmax (and ffn at the argmax, saved by the forward so the full-resolution ffn need
-not stay alive): ``grad_s`` (the gradient of the sum at each input pixel) is a gather over the
-windows containing the pixel, exactly as in :mod:`deco_kernels.triton.adaptive_pool`; ``grad_z = grad_s`` and
-``grad_ffn = gamma * grad_s`` are written by the same program. ``grad_gamma[c] = sum grad_y * ffn[argmax]``
+not stay alive): ``grad_s`` (the gradient of the sum at each input pixel) is routed from the pooled windows,
+exactly as in :mod:`deco_kernels.triton.adaptive_pool` (one lane per window; the first window that picked a
+pixel writes it, the rest stays zero); ``grad_z = grad_s`` and ``grad_ffn = gamma * grad_s`` are written by the
+same program. ``grad_gamma[c] = sum grad_y * ffn[argmax]``
 is reduced on the pooled side (B*OH*OW terms per channel): each program sums a fixed slice of positions for a
 block of channels into its own row of a partial-sum buffer, and the rows are summed in a fixed order
 (deterministic, no atomics).
@@ -25,11 +26,12 @@ from deco_kernels.ops._common import empty_output
 from deco_kernels.triton import on_input_device
 from deco_kernels.triton.adaptive_pool import (
     CONFIGS,
+    ROUTE_CONFIGS,
     _block_elements,
     _check_index_range,
     _config,
     _grid,
-    _max_pool_gather,
+    _max_pool_route,
     _max_span,
     _offset,
     _plane_offset,
@@ -94,20 +96,21 @@ def _scale_residual_max_pool_backward_kernel(
     max_windows_h, max_windows_w,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # grad_z and grad_ffn are dense B x H x W x C, so the flat element number is also their memory offset.
-    offs, valid, b, c, h, w = _block_elements(total, C, H, W, True, BLOCK)
-    grad_sum = _max_pool_gather(
-        grad_y_ptr, indices_ptr, b, c, h, w, valid,
+    # One lane per pooled window (``total`` of them, channels fastest), on zero-filled grad_z and grad_ffn.
+    _, valid, b, c, i, j = _block_elements(total, C, OH, OW, True, BLOCK)
+    writes, picked, grad_sum = _max_pool_route(
+        grad_y_ptr, indices_ptr, b, c, i, j, valid,
         H, W, OH, OW,
         g_stride_b, g_stride_c, g_stride_h, g_stride_w,
         i_stride_b, i_stride_c, i_stride_h, i_stride_w,
         max_windows_h, max_windows_w,
         BLOCK,
     )  # fmt: skip
-    gamma = tl.load(gamma_ptr + c, mask=valid, other=0.0)
-    offs64 = offs.to(tl.int64)
-    tl.store(grad_z_ptr + offs64, grad_sum.to(grad_z_ptr.dtype.element_ty), mask=valid)
-    tl.store(grad_ffn_ptr + offs64, (gamma * grad_sum).to(grad_ffn_ptr.dtype.element_ty), mask=valid)
+    gamma = tl.load(gamma_ptr + c, mask=writes, other=0.0)
+    # grad_z and grad_ffn are dense B x H x W x C; picked = h * W + w.
+    offset = (b.to(tl.int64) * H * W + picked) * C + c
+    tl.store(grad_z_ptr + offset, grad_sum.to(grad_z_ptr.dtype.element_ty), mask=writes)
+    tl.store(grad_ffn_ptr + offset, (gamma * grad_sum).to(grad_ffn_ptr.dtype.element_ty), mask=writes)
 
 
 @triton.jit
@@ -192,11 +195,14 @@ def scale_residual_max_pool_backward(
     grad_ffn = empty_output(shape, grad_y, memory_format=torch.contiguous_format)
     if grad_z.numel() == 0:
         return grad_z, grad_ffn, torch.zeros(channels, dtype=torch.float32, device=grad_y.device)
-    _check_index_range({"grad_z": grad_z}, (height, width), (out_h, out_w))
-    block, num_warps = _config(grad_z.numel())
-    _scale_residual_max_pool_backward_kernel[_grid(grad_z.numel(), block)](
+    _check_index_range({"grad_z": grad_z, "grad_y": grad_y}, (height, width), (out_h, out_w))
+    # The routing writes only the inputs some window picked.
+    grad_z.zero_()
+    grad_ffn.zero_()
+    block, num_warps = _config(grad_y.numel(), ROUTE_CONFIGS)
+    _scale_residual_max_pool_backward_kernel[_grid(grad_y.numel(), block)](
         grad_y, indices, gamma, grad_z, grad_ffn,
-        grad_z.numel(), channels, height, width, out_h, out_w,
+        grad_y.numel(), channels, height, width, out_h, out_w,
         *grad_y.stride(), *indices.stride(),
         _max_span(out_h, height), _max_span(out_w, width),
         BLOCK=block, num_warps=num_warps,
@@ -243,11 +249,11 @@ def aot_cases() -> list[tuple[str, object, dict[str, str], dict[str, object], in
         }  # fmt: skip
         backward |= ints(*sizes, *strides("g", "bchw"), *strides("i", "bchw"), "max_windows_h", "max_windows_w")
         backward |= {"BLOCK": "constexpr"}
-        for block, num_warps in CONFIGS:
-            for name, fn, signature in (
-                ("scale_residual_max_pool_forward", _scale_residual_max_pool_forward_kernel, forward),
-                ("scale_residual_max_pool_backward", _scale_residual_max_pool_backward_kernel, backward),
-            ):
+        for name, fn, signature, configs in (
+            ("scale_residual_max_pool_forward", _scale_residual_max_pool_forward_kernel, forward, CONFIGS),
+            ("scale_residual_max_pool_backward", _scale_residual_max_pool_backward_kernel, backward, ROUTE_CONFIGS),
+        ):
+            for block, num_warps in configs:
                 cases.append((f"{name}_{dtype}_b{block}_w{num_warps}", fn, signature, {"BLOCK": block}, num_warps))
         grad_gamma = {"grad_y_ptr": value, "picked_ffn_ptr": value, "partial_ptr": "*fp32"}
         grad_gamma |= ints("positions", "positions_per_split", "C", "OH", "OW")
