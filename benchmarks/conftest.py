@@ -1,7 +1,7 @@
 """pytest options and fixtures of the microbenchmark suite (``python -m pytest benchmarks``).
 
 Each ``test_bench_<op>.py`` sets ``OP`` and is parametrized here over the selected cases x dtypes x passes x
-providers. The timing itself is :func:`benchmarks.timing.measure` (CUDA events, L2 flushed); pytest-benchmark
+providers x launches (``--bench-launches eager,graph``: as issued, or replayed from a CUDA graph). The timing itself is :func:`benchmarks.timing.measure` (CUDA events, L2 flushed); pytest-benchmark
 runs each measured call a few more times with host synchronisation (its table is a cross-check of launch
 overhead, not the result) and stores the record in its ``extra_info``. Records go to ``--bench-out``.
 """
@@ -19,11 +19,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from benchmarks import roofline  # noqa: E402
-from benchmarks.cases import GROUPS, cases, comma_list  # noqa: E402
+from benchmarks.cases import GROUPS, Case, cases, comma_list  # noqa: E402
 from benchmarks.check_targets import is_target_row  # noqa: E402
-from benchmarks.microbench import BenchEnv, host_call, run_record  # noqa: E402
+from benchmarks.microbench import BenchEnv, graph_unavailable, host_call, run_record  # noqa: E402
 from benchmarks.providers import BASELINES, DEFAULT_PROVIDERS, PROVIDERS, unavailable  # noqa: E402
-from benchmarks.results import ResultsFile, environment  # noqa: E402
+from benchmarks.results import LAUNCHES, ResultsFile, environment  # noqa: E402
+from benchmarks.timing import GraphCaptureError  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bound of a record's forward_error (relative to max(1, max |reference|)): one rounding of the output to the
@@ -50,6 +51,11 @@ def pytest_addoption(parser):
     group.addoption("--bench-providers", default=None, help=f"comma list, from {PROVIDERS}")
     group.addoption("--bench-dtypes", default="float32,bfloat16", help=f"comma list, from {tuple(_DTYPES)}")
     group.addoption("--bench-passes", default="fwd,bwd,fwd+bwd", help=f"comma list, from {roofline.PASSES}")
+    group.addoption(
+        "--bench-launches",
+        default="eager",
+        help=f"comma list, from {LAUNCHES}: calls as issued, and/or replays of one call captured in a CUDA graph",
+    )
     group.addoption("--bench-kernels", default=None, help="comma list of kernel sizes to keep (e.g. 9)")
     group.addoption("--bench-batches", default=None, help="comma list of batch sizes to keep (e.g. 2,8)")
     group.addoption("--bench-rep-ms", type=float, default=25.0, help="measured milliseconds per combination")
@@ -81,10 +87,12 @@ def _selection(config) -> dict:
     providers = _csv(config.getoption("--bench-providers")) or (_SMOKE_PROVIDERS if smoke else DEFAULT_PROVIDERS)
     dtypes = _csv(config.getoption("--bench-dtypes"))
     passes = _csv(config.getoption("--bench-passes"))
+    launches = _csv(config.getoption("--bench-launches"))
     for name, values, allowed in (
         ("--bench-providers", providers, PROVIDERS),
         ("--bench-dtypes", dtypes, tuple(_DTYPES)),
         ("--bench-passes", passes, roofline.PASSES),
+        ("--bench-launches", launches, LAUNCHES),
     ):
         bad = set(values) - set(allowed)
         if bad:
@@ -96,6 +104,7 @@ def _selection(config) -> dict:
         "providers": providers,
         "dtypes": dtypes,
         "passes": passes,
+        "launches": launches,
         "kernels": tuple(map(int, kernels)) if kernels else None,
         "batches": tuple(map(int, batches)) if batches else None,
     }
@@ -114,6 +123,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("dtype_name", selection["dtypes"])
     metafunc.parametrize("bench_pass", selection["passes"])
     metafunc.parametrize("provider", selection["providers"])
+    metafunc.parametrize("bench_launch", selection["launches"])
 
 
 # The order rows are measured in, so that a run cut off by its time limit has measured what matters most: the
@@ -147,7 +157,7 @@ def pytest_collection_modifyitems(config, items):
     def key(item):
         params = getattr(getattr(item, "callspec", None), "params", {})
         case = params.get("bench_case")
-        if case is None:
+        if not isinstance(case, Case):  # not a benchmark, or an op with no case selected (pytest's empty marker)
             return (-1, 0)
         return measurement_priority(case.op, case.group, case.dims, params["bench_pass"])
 
@@ -191,18 +201,24 @@ def bench_results(pytestconfig, bench_env) -> ResultsFile | None:
 
 
 @pytest.fixture
-def bench_run(bench_env, bench_results, benchmark):
+def bench_run(bench_env, bench_results, benchmark, bench_launch):
     """Measure one parametrized combination, record it, and hand the call to pytest-benchmark."""
 
     def run(case, provider: str, dtype_name: str, pass_: str) -> dict:
         reason = unavailable(provider, bench_env.device)
+        if not reason and bench_launch == "graph":
+            reason = graph_unavailable(pass_, bench_env.device)
         if reason:
             pytest.skip(reason)
-        row = {"op": case.op, "shape": case.dims, "dtype": dtype_name, "pass": pass_, "provider": provider}
+        row = {"op": case.op, "shape": case.dims, "dtype": dtype_name, "pass": pass_, "provider": provider,
+               "launch": bench_launch}
         if bench_results is not None and bench_results.measured(row):
             pytest.skip(f"measured already in {bench_results.path} (--bench-resume)")
         dtype = _DTYPES[dtype_name]
-        record = run_record(case, provider, dtype, pass_, bench_env)
+        try:
+            record = run_record(case, provider, dtype, pass_, bench_env, bench_launch)
+        except GraphCaptureError as error:
+            pytest.skip(f"{provider}: {error}")
         if bench_results is not None:
             bench_results.add(record)
         # Only deco's kernels are held to it: a stock baseline may legitimately use TF32 (cuDNN's default).

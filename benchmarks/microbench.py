@@ -2,7 +2,9 @@
 
 Passes: ``fwd`` times the forward with autograd recording (as in training); ``bwd`` times
 ``torch.autograd.grad`` of a forward made outside the timed region; ``fwd+bwd`` times both. The gradient of
-the output is a fixed random tensor in the output's memory format.
+the output is a fixed random tensor in the output's memory format. Launches: ``eager`` times the calls as
+issued; ``graph`` times replays of one call captured in a CUDA graph (``fwd`` and ``fwd+bwd`` only: ``bwd``
+needs a new forward before every run).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from deco_kernels import reference
 from benchmarks import roofline
 from benchmarks.cases import Case
 from benchmarks.providers import make_inputs, provider_function
-from benchmarks.timing import measure
+from benchmarks.results import LAUNCHES
+from benchmarks.timing import measure, measure_graph
 
-__all__ = ["BenchEnv", "forward_error", "host_call", "prepare", "run_record"]
+__all__ = ["BenchEnv", "forward_error", "graph_unavailable", "host_call", "prepare", "run_record"]
 
 
 @dataclass
@@ -91,13 +94,36 @@ def host_call(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: Be
     return lambda: run(setup() if setup else None)
 
 
-def run_record(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv) -> dict:
-    """Measure one combination and return its record (see :mod:`benchmarks.results` for the fields)."""
+def graph_unavailable(pass_: str, device: torch.device) -> str | None:
+    """Why a ``pass_`` call cannot be timed as CUDA graph replays on ``device``, or None."""
+    if device.type != "cuda":
+        return "CUDA graph replay needs a CUDA device"
+    if pass_ == "bwd":
+        return "CUDA graph replay times fwd and fwd+bwd (bwd needs a new forward before every run)"
+    return None
+
+
+def run_record(
+    case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv, launch: str = "eager"
+) -> dict:
+    """Measure one combination and return its record (see :mod:`benchmarks.results` for the fields).
+
+    ``launch="graph"`` times CUDA graph replays of the call (:func:`benchmarks.timing.measure_graph`, which raises
+    :class:`benchmarks.timing.GraphCaptureError` when the call cannot be captured).
+    """
+    if launch not in LAUNCHES:
+        raise ValueError(f"launch must be one of {LAUNCHES}; got {launch!r}")
+    reason = graph_unavailable(pass_, env.device) if launch == "graph" else None
+    if reason:
+        raise ValueError(f"launch='graph' for {case.id} {pass_}: {reason}")
     run, setup, output = prepare(case, provider, dtype, pass_, env)
     # A fast but wrong kernel must not make a benchmark row: every measured output is checked.
     error = forward_error(case, dtype, output)
     del output
-    stats = measure(run, setup, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2)
+    if launch == "graph":
+        stats = measure_graph(run, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2)
+    else:
+        stats = measure(run, setup, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2)
 
     model = roofline.cost(case.op, case.dims, dtype, pass_)
     seconds = stats.median_ms * 1e-3
@@ -120,6 +146,7 @@ def run_record(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: B
         "gflop_per_s": model.flops / seconds / 1e9,
         "roofline_floor_ms": floor_s * 1e3,
         "roofline_pct": 100.0 * floor_s / seconds,
+        **({"launch": launch} if launch != "eager" else {}),
     }
 
 

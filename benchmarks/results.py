@@ -9,7 +9,9 @@ A results file is a JSON object::
 A microbenchmark record has ``op``, ``group``, ``provider``, ``shape`` (dict), ``dtype``, ``pass`` (fwd, bwd,
 fwd+bwd), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``gb_per_s``, ``gflop_per_s``, ``roofline_pct``,
 ``forward_error`` (its output against the float64 stock composition) and ``speedup`` ({baseline provider:
-baseline median / this median} for each baseline measured on the same op, shape, dtype and pass).
+baseline median / this median} for each baseline measured on the same op, shape, dtype, pass and launch).
+``launch`` is ``"graph"`` where the call was captured in a CUDA graph and replayed (device time without the
+host's launch work; :func:`benchmarks.timing.measure_graph`); a record without it was launched eagerly.
 An end-to-end record has ``model``, ``provider``, ``batch``, ``image_size`` ([H, W]), ``dtype``, ``pass``
 (train_step, infer), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``images_per_s``, ``peak_mem_gb``,
 ``first_call_s`` (compilation / capture included) and ``speedup`` (against the stock providers of the same
@@ -26,9 +28,22 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ResultsFile", "add_speedups", "comparison_key", "environment", "load", "merge", "row_key", "validate"]
+__all__ = [
+    "LAUNCHES",
+    "ResultsFile",
+    "add_speedups",
+    "comparison_key",
+    "environment",
+    "launch_of",
+    "load",
+    "merge",
+    "row_key",
+    "validate",
+]
 
 MICRO_PASSES = ("fwd", "bwd", "fwd+bwd")
+# How a microbenchmark call was issued: eager launches (the default, no field) or a replayed CUDA graph.
+LAUNCHES = ("eager", "graph")
 E2E_PASSES = ("train_step", "infer")
 # Fields of every timing record, micro or end to end.
 _TIMING_FIELDS = {
@@ -91,11 +106,18 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def launch_of(record: dict) -> str:
+    """``"graph"`` for a microbenchmark record timed as CUDA graph replays, else ``"eager"``."""
+    return record.get("launch", "eager")
+
+
 def comparison_key(record: dict) -> tuple:
     """What a record is compared on across providers: the op (or model), shape (or batch and image size),
-    dtype and pass."""
+    dtype and pass, and for microbenchmarks how the call was launched (graph replays compare with graph
+    replays)."""
     if "op" in record:
-        return ("op", record["op"], json.dumps(record["shape"], sort_keys=True), record["dtype"], record["pass"])
+        shape = json.dumps(record["shape"], sort_keys=True)
+        return ("op", record["op"], shape, record["dtype"], record["pass"], launch_of(record))
     return ("model", record["model"], record["batch"], tuple(record["image_size"]), record["dtype"], record["pass"])
 
 
@@ -201,6 +223,8 @@ def validate(document: dict) -> None:
             raise ValueError(f"{where}: a record needs 'op' (microbenchmark) or 'model' (end-to-end)")
         if record["pass"] not in allowed:
             raise ValueError(f"{where}: field 'pass' must be one of {allowed}, got {record['pass']!r}")
+        if "launch" in record and ("op" not in record or record["launch"] not in LAUNCHES):
+            raise ValueError(f"{where}: field 'launch' is for microbenchmarks, one of {LAUNCHES}; got {record}")
         for name in ("median_ms", "p20_ms", "p80_ms"):
             if not record[name] > 0:
                 raise ValueError(f"{where}: field {name!r} must be > 0, got {record[name]!r}")

@@ -5,6 +5,11 @@ forward that builds the graph), then flushes L2 (writes a buffer twice the L2 si
 between two CUDA events. After warm-up it repeats until ``rep_ms`` of measured time or ``max_runs`` and
 reports the median and the 20th/80th percentiles. On the CPU the same loop uses the host clock (for the smoke
 run only: CPU timings are not benchmark results).
+
+``measure_graph(run, device=...)`` times the same call captured once in a CUDA graph and replayed: the device
+time of its kernels without the host's launch work in between, which is what a caller that captures its step
+(CUDA graphs, ``torch.compile(mode="reduce-overhead")``) pays. Where one call's host work exceeds its kernels'
+time (small batches), the two timings differ and say by how much the host decides.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Stats", "measure"]
+__all__ = ["GraphCaptureError", "Stats", "measure", "measure_graph"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +106,47 @@ def _measure_cuda(run, setup, device, rep_ms, min_runs, max_runs, flush_l2) -> S
         # Enough further runs to reach rep_ms at the rate seen so far, within max_runs.
         per_run = max(total_ms / len(times), 1e-3)
         batch = max(1, min(max_runs - len(times), int((rep_ms - total_ms) / per_run) + 1))
+
+
+class GraphCaptureError(RuntimeError):
+    """The call cannot be captured in a CUDA graph (it synchronises with the host, or allocates outside the
+    graph's memory pool)."""
+
+
+def measure_graph(
+    run: Callable[[object], object],
+    *,
+    device: torch.device,
+    rep_ms: float = 50.0,
+    warmup_runs: int = 3,
+    min_runs: int = 10,
+    max_runs: int = 200,
+    flush_l2: bool = True,
+) -> Stats:
+    """Median and spread of replays of ``run(None)`` captured in one CUDA graph; see the module docstring.
+
+    The warm-up runs on a side stream (as capture requires: lazy initialisation, cuDNN and Triton autotuning
+    and compilation happen there), then one call is captured and each replay is timed like :func:`measure`'s
+    runs, L2 flushed before each.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"measure_graph: CUDA graphs need a CUDA device; got {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup_runs):
+            run(None)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run(None)
+    except RuntimeError as error:
+        raise GraphCaptureError(f"the call cannot be captured in a CUDA graph: {error}") from error
+    try:
+        graph.replay()
+        return _measure_cuda(lambda _: graph.replay(), lambda: None, device, rep_ms, min_runs, max_runs, flush_l2)
+    finally:
+        torch.cuda.synchronize(device)
+        del graph

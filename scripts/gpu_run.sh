@@ -4,6 +4,8 @@
 #
 #   bash scripts/gpu_run.sh test           # one device call (< 10 minutes); builds first unless a module is carried
 #   bash scripts/gpu_run.sh bench          # one device call; repeat it to continue (below)
+#   bash scripts/gpu_run.sh graph          # the target rows (fwd+bwd) again as CUDA graph replays: the kernels'
+#                                          # device time without the host's launch work; one device call
 #   bash scripts/gpu_run.sh e2e            # one device call; repeat it to continue
 #   bash scripts/gpu_run.sh autotune       # optional: torch.compile max-autotune baselines on the target shapes
 #   bash scripts/gpu_run.sh profile        # where the time goes: benchmarks.breakdown (ops, DECO-R18 steps with
@@ -23,7 +25,7 @@
 # into .gpu-run/ (git-ignored) and name `.gpu-run` in the next call's carry; the next bench / e2e / autotune
 # step then continues those files (same GPU, torch and triton) and measures only the rows they lack.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
-# host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench and autotune), e2e.log, e2e-<gpu>.json,
+# host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log, e2e-<gpu>.json,
 # autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, demo.log, demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
 # python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead), PROFILE_OPS_ARGS and
@@ -164,6 +166,15 @@ step_bench() {
     report_targets
 }
 
+step_graph() {
+    ensure_build
+    LOG=graph.log
+    # Every provider of the target rows captured alike, so the ratios compare kernels where eager launches
+    # compare host paths (batch 2); records carry "launch": "graph" and are judged as targets of their own.
+    run_bench 540 --bench-groups deco,stride8 --bench-kernels 9 --bench-passes fwd+bwd --bench-launches graph
+    report_targets
+}
+
 step_autotune() {
     ensure_build
     LOG=autotune.log
@@ -229,12 +240,13 @@ for step in "${steps[@]}"; do
         build) step_build ;;
         test) step_test ;;
         bench) step_bench ;;
+        graph) step_graph ;;
         autotune) step_autotune ;;
         e2e) step_e2e ;;
         profile) step_profile ;;
         demo) step_demo ;;
-        all) step_test; step_bench; step_e2e; step_autotune ;;
-        *) echo "unknown step '$step'; expected build, test, bench, e2e, autotune, profile, demo or all" >&2; exit 2 ;;
+        all) step_test; step_bench; step_graph; step_e2e; step_autotune ;;
+        *) echo "unknown step '$step'; expected build, test, bench, graph, e2e, autotune, profile, demo or all" >&2; exit 2 ;;
     esac
 done
 note "done (status $STATUS); files in $OUT:"

@@ -17,7 +17,9 @@ from benchmarks import breakdown, e2e, host_overhead, roofline  # noqa: E402
 from benchmarks.cases import OPS, cases  # noqa: E402
 from benchmarks.check_targets import evaluate  # noqa: E402
 from benchmarks.report import headline_table, render  # noqa: E402
+from benchmarks.microbench import BenchEnv, graph_unavailable, run_record  # noqa: E402
 from benchmarks.results import ResultsFile, add_speedups, load, merge, validate  # noqa: E402
+from benchmarks.timing import measure_graph  # noqa: E402
 
 
 def _run_benchmarks(*options):
@@ -37,14 +39,18 @@ def test_microbenchmark_suite_runs_on_cpu(tmp_path):
         "1",
         "--bench-compile-backend",
         "eager",
+        "--bench-launches",
+        "eager,graph",
         "--bench-out",
         str(out),
+        "-rs",
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     if not torch.cuda.is_available():
-        # The GPU backends are skipped on the CPU, and say so.
+        # The GPU backends and CUDA graph replays are skipped on the CPU, and say so.
         assert "deco-triton needs a CUDA device" in done.stdout
         assert "deco-cuda needs a CUDA device" in done.stdout
+        assert "CUDA graph replay needs a CUDA device" in done.stdout
 
     document = load(out)
     measured = {(r["op"], r["provider"], r["pass"]) for r in document["records"]}
@@ -341,6 +347,45 @@ def test_speedups_schema_and_merge(tmp_path):
         "gpu-2026-01-01-depthwise_conv2d.png"
     ]
     assert "| depthwise_conv2d | B8 C480 H25 W42 kh9 kw9 | float32 | fwd+bwd | 0.500 |" in headline_table(records)
+
+
+def test_graph_replays_compare_with_graph_replays():
+    """Records timed as CUDA graph replays carry launch="graph": their speed-ups, target checks and headline
+    rows use graph-replayed baselines only, and the eager ones stay as they were."""
+    eager = [_micro("eager-nchw", 1.0), _micro("compile", 0.9), _micro("deco-cuda", 1.0)]
+    graphed = [{**_micro("eager-nchw", 0.8), "launch": "graph"}, {**_micro("deco-cuda", 0.2), "launch": "graph"}]
+    records = eager + graphed
+    add_speedups(records, ("eager-nchw", "compile"))
+    assert records[2]["speedup"] == {"eager-nchw": 1.0, "compile": 0.9}
+    assert records[4]["speedup"] == {"eager-nchw": pytest.approx(4.0)}
+    validate(_document(records))
+    with pytest.raises(ValueError, match="field 'launch'"):
+        validate(_document([{**eager[0], "launch": "replay"}]))
+    with pytest.raises(ValueError, match="field 'launch'"):
+        validate(_document([{**_e2e("DECO-R18", "stock-eager", 1.0), "speedup": {}, "launch": "graph"}]))
+
+    outcomes = {(o.target, o.side): o for o in evaluate(records)}
+    assert outcomes[("depthwise 9x9 fwd+bwd >= 2x faster eager layout", "cuda")].worst == pytest.approx(1.0)
+    graph = outcomes[("depthwise 9x9 fwd+bwd >= 2x faster eager layout [graph replay]", "cuda")]
+    assert graph.status == "MET" and graph.worst == pytest.approx(4.0) and graph.rows == 1
+    assert outcomes[("depthwise 9x9 fwd+bwd >= 1.5x torch.compile [graph replay]", "cuda")].status == "NO DATA"
+    assert not any("[graph replay]" in o.target for o in evaluate(eager))
+
+    assert "| 1.000 | 1.000 | 0.900 |" in headline_table(records)  # cuda, eager, compile: eager launches
+    assert "| 0.200 | 0.800 | - |" in headline_table(records, "graph")
+
+
+def test_graph_replay_needs_a_gpu_and_a_forward_in_the_call():
+    case = cases("depthwise_conv2d", ("smoke",))[0]
+    env = BenchEnv(torch.device("cpu"), copy_bytes_per_s=1e9, peak_fp32_flops=None, rep_ms=1.0)
+    with pytest.raises(ValueError, match="launch must be one of"):
+        run_record(case, "eager-nchw", torch.float32, "fwd", env, launch="replay")
+    with pytest.raises(ValueError, match="CUDA graph replay needs a CUDA device"):
+        run_record(case, "eager-nchw", torch.float32, "fwd", env, launch="graph")
+    assert "bwd needs a new forward" in graph_unavailable("bwd", torch.device("cuda"))
+    assert graph_unavailable("fwd+bwd", torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        measure_graph(lambda _: None, device=torch.device("cpu"))
 
 
 def _e2e(model, provider, median, pass_="train_step"):

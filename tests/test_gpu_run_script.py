@@ -78,3 +78,12 @@ def test_profile_step_writes_breakdowns_and_traces(tmp_path):
     assert "##### deco-r18-fused-eager-infer: wall" in log
     with tarfile.open(tmp_path / "traces.tar.gz") as archive:
         assert archive.getnames() == ["deco-traces", "deco-traces/deco-r18-fused-eager-infer.json"]
+
+
+def test_graph_step_replays_the_target_rows(tmp_path):
+    """The graph step selects the target rows with --bench-launches graph; without a GPU each is skipped, saying
+    why, and the step still succeeds."""
+    log = _gpu_run(tmp_path, tmp_path / "none", "graph", providers="eager-nchw")
+    assert (tmp_path / "graph.log").is_file()
+    if not torch.cuda.is_available():
+        assert "CUDA graph replay needs a CUDA device" in (tmp_path / "graph.log").read_text() + log
