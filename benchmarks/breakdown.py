@@ -11,9 +11,11 @@ what to tune next (a diagnostic: it prints text, and nothing here is a result of
   Default cases: the fwd+bwd rows of batch <= 8 that the speed targets are judged on (kernel 9; 7 for the conv
   + LayerNorm op).
 - ``e2e``: each (model, provider, pass) of ``benchmarks.e2e``'s steps: wall time per step, host CPU time and
-  device time per step (the profiler's self totals), kernel launches per step, then the ops ranked by host time
-  and the kernels by device time. ``--trace-dir`` writes one Chrome trace per row: gaps on the device timeline
-  show where the host holds the device up.
+  device time per step (the profiler's self totals), kernel launches per step, the calls that make the host wait
+  for the device (one step under ``torch.cuda.set_sync_debug_mode``: a step whose wall time is its host time
+  plus its device time has them), then the ops ranked by host time and the kernels by device time.
+  ``--trace-dir`` writes one Chrome trace per row: gaps on the device timeline show where the host holds the
+  device up.
 
 On a machine without a GPU both run on the CPU (host time only) so that the code path is tested.
 """
@@ -21,9 +23,11 @@ On a machine without a GPU both run on the CPU (host time only) so that the code
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +40,7 @@ from benchmarks.cases import OPS, cases, comma_list
 from benchmarks.microbench import BenchEnv, host_call
 from benchmarks.providers import unavailable
 
-__all__ = ["main", "profile_step"]
+__all__ = ["host_syncs", "main", "profile_step"]
 
 OP_PROVIDERS = ("deco-cuda", "deco-cuda-cl", "deco-triton", "eager-nchw", "eager-cl")
 _TARGET_KERNEL = {"depthwise_conv2d_layernorm": 7}
@@ -71,6 +75,26 @@ def profile_step(step: Callable[[], None], device: torch.device, runs: int, trac
     if trace is not None:
         profiler.export_chrome_trace(str(trace))
     return wall_ms, profiler.key_averages()
+
+
+def host_syncs(step: Callable[[], None], device: torch.device) -> collections.Counter:
+    """The calls of one ``step`` that synchronise the host with the device, as ``"file:line: message"`` counts.
+
+    torch.cuda's sync debug mode warns at each (``.item()``, a device-to-host copy, a pageable host-to-device
+    copy, ...); the warning names the Python line that made the call. Empty on the CPU.
+    """
+    if device.type != "cuda":
+        return collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return collections.Counter(
+        f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught if "synchroniz" in str(w.message)
+    )
 
 
 def _device_ms(averages, runs: int) -> float:
@@ -130,6 +154,10 @@ def profile_e2e(args, device: torch.device) -> None:
                 host_ms = sum(e.self_cpu_time_total for e in averages) / args.runs / 1e3
                 print(f"##### {name}: wall {wall_ms:.2f} ms/step; per step under the profiler: host "
                       f"{host_ms:.2f} ms, device {_device_ms(averages, args.runs):.2f} ms, {launches:.0f} launches")
+                syncs = host_syncs(functools.partial(step, None), device)
+                print(f"host syncs per step: {sum(syncs.values())}" if device.type == "cuda" else
+                      "host syncs per step: not checked (CPU)")
+                _print_lines([f"    {count:4d}x {where}" for where, count in syncs.most_common(8)])
                 print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
                 _print_lines(_top_kernels(averages, args.runs, 10))
                 del step

@@ -449,3 +449,6 @@ def test_step_breakdown_writes_a_trace_per_row(tmp_path, one_thread, capsys):
     assert "##### deco-r18-stock-eager-train_step: wall" in out and "launches" in out
     trace = json.loads((tmp_path / "deco-r18-stock-eager-train_step.json").read_text())
     assert any(event.get("name") == "aten::convolution" for event in trace["traceEvents"])
+    assert "host syncs per step: not checked (CPU)" in out
+    assert not breakdown.host_syncs(lambda: torch.ones(2).sum().item(), torch.device("cpu"))
+
