@@ -10,6 +10,8 @@ and ``"cuda"`` (the backend name is an argument) run the custom op ``deco_kernel
 (returns the pooled map, the argmax and ffn at the argmax) whose backward, the custom op
 ``deco_kernels::scale_residual_max_pool_backward``, routes each window's gradient to its argmax:
 ``grad_z = grad_s``, ``grad_ffn = gamma * grad_s``, ``grad_gamma = sum grad_y * ffn[argmax]`` (deterministic).
+Pixels no window picked get zero gradients, grad_ffn included (autograd through the stock composition gives
+``gamma * 0`` there, which differs only for a non-finite gamma).
 """
 
 from __future__ import annotations
