@@ -20,7 +20,7 @@ from benchmarks import roofline
 from benchmarks.cases import Case
 from benchmarks.providers import make_inputs, provider_function
 from benchmarks.results import LAUNCHES
-from benchmarks.timing import measure, measure_graph
+from benchmarks.timing import measure
 
 __all__ = ["BenchEnv", "forward_error", "graph_unavailable", "host_call", "prepare", "run_record"]
 
@@ -108,7 +108,7 @@ def run_record(
 ) -> dict:
     """Measure one combination and return its record (see :mod:`benchmarks.results` for the fields).
 
-    ``launch="graph"`` times CUDA graph replays of the call (:func:`benchmarks.timing.measure_graph`, which raises
+    ``launch="graph"`` times CUDA graph replays of the call (:func:`benchmarks.timing.measure`, which raises
     :class:`benchmarks.timing.GraphCaptureError` when the call cannot be captured).
     """
     if launch not in LAUNCHES:
@@ -120,10 +120,7 @@ def run_record(
     # A fast but wrong kernel must not make a benchmark row: every measured output is checked.
     error = forward_error(case, dtype, output)
     del output
-    if launch == "graph":
-        stats = measure_graph(run, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2)
-    else:
-        stats = measure(run, setup, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2)
+    stats = measure(run, setup, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2, graph=launch == "graph")
 
     model = roofline.cost(case.op, case.dims, dtype, pass_)
     seconds = stats.median_ms * 1e-3

@@ -11,7 +11,7 @@ fwd+bwd), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``gb_per_s``, ``gflop
 ``forward_error`` (its output against the float64 stock composition) and ``speedup`` ({baseline provider:
 baseline median / this median} for each baseline measured on the same op, shape, dtype, pass and launch).
 ``launch`` is ``"graph"`` where the call was captured in a CUDA graph and replayed (device time without the
-host's launch work; :func:`benchmarks.timing.measure_graph`); a record without it was launched eagerly.
+host's launch work; ``benchmarks.timing.measure(graph=True)``); a record without it was launched eagerly.
 An end-to-end record has ``model``, ``provider``, ``batch``, ``image_size`` ([H, W]), ``dtype``, ``pass``
 (train_step, infer), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``images_per_s``, ``peak_mem_gb``,
 ``first_call_s`` (compilation / capture included) and ``speedup`` (against the stock providers of the same

@@ -6,7 +6,7 @@ between two CUDA events. After warm-up it repeats until ``rep_ms`` of measured t
 reports the median and the 20th/80th percentiles. On the CPU the same loop uses the host clock (for the smoke
 run only: CPU timings are not benchmark results).
 
-``measure_graph(run, device=...)`` times the same call captured once in a CUDA graph and replayed: the device
+``measure(run, device=..., graph=True)`` times the same call captured once in a CUDA graph and replayed: the device
 time of its kernels without the host's launch work in between, which is what a caller that captures its step
 (CUDA graphs, ``torch.compile(mode="reduce-overhead")``) pays. Where one call's host work exceeds its kernels'
 time (small batches), the two timings differ and say by how much the host decides.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GraphCaptureError", "Stats", "measure", "measure_graph"]
+__all__ = ["GraphCaptureError", "Stats", "measure"]
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,19 @@ def measure(
     min_runs: int = 10,
     max_runs: int = 200,
     flush_l2: bool = True,
+    graph: bool = False,
 ) -> Stats:
-    """Median and spread of ``run(setup())`` over repeated runs; see the module docstring."""
+    """Median and spread of ``run(setup())`` over repeated runs; see the module docstring.
+
+    With ``graph=True`` (a CUDA device, no ``setup``) the warm-up runs on a side stream, as capture requires
+    (lazy initialisation, cuDNN and Triton autotuning, compilation happen there), then one ``run(None)`` is
+    captured in a CUDA graph and its replays are timed like eager runs, L2 flushed before each; a call that
+    cannot be captured raises :class:`GraphCaptureError`.
+    """
+    if graph:
+        if device.type != "cuda" or setup is not None:
+            raise ValueError(f"measure: graph=True needs a CUDA device and no setup; got {device}, setup={setup}")
+        return _measure_graph(run, device, rep_ms, warmup_runs, min_runs, max_runs, flush_l2)
     setup = setup or (lambda: None)
     for _ in range(warmup_runs):
         run(setup())
@@ -113,24 +124,7 @@ class GraphCaptureError(RuntimeError):
     graph's memory pool)."""
 
 
-def measure_graph(
-    run: Callable[[object], object],
-    *,
-    device: torch.device,
-    rep_ms: float = 50.0,
-    warmup_runs: int = 3,
-    min_runs: int = 10,
-    max_runs: int = 200,
-    flush_l2: bool = True,
-) -> Stats:
-    """Median and spread of replays of ``run(None)`` captured in one CUDA graph; see the module docstring.
-
-    The warm-up runs on a side stream (as capture requires: lazy initialisation, cuDNN and Triton autotuning
-    and compilation happen there), then one call is captured and each replay is timed like :func:`measure`'s
-    runs, L2 flushed before each.
-    """
-    if device.type != "cuda":
-        raise ValueError(f"measure_graph: CUDA graphs need a CUDA device; got {device}")
+def _measure_graph(run, device, rep_ms, warmup_runs, min_runs, max_runs, flush_l2) -> Stats:
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -148,5 +142,4 @@ def measure_graph(
         graph.replay()
         return _measure_cuda(lambda _: graph.replay(), lambda: None, device, rep_ms, min_runs, max_runs, flush_l2)
     finally:
-        torch.cuda.synchronize(device)
-        del graph
+        torch.cuda.synchronize(device)  # every replay done before the graph and its memory pool go

@@ -19,7 +19,7 @@ from benchmarks.check_targets import evaluate  # noqa: E402
 from benchmarks.report import headline_table, render  # noqa: E402
 from benchmarks.microbench import BenchEnv, graph_unavailable, run_record  # noqa: E402
 from benchmarks.results import ResultsFile, add_speedups, load, merge, validate  # noqa: E402
-from benchmarks.timing import measure_graph  # noqa: E402
+from benchmarks.timing import measure  # noqa: E402
 
 
 def _run_benchmarks(*options):
@@ -384,8 +384,8 @@ def test_graph_replay_needs_a_gpu_and_a_forward_in_the_call():
         run_record(case, "eager-nchw", torch.float32, "fwd", env, launch="graph")
     assert "bwd needs a new forward" in graph_unavailable("bwd", torch.device("cuda"))
     assert graph_unavailable("fwd+bwd", torch.device("cuda")) is None
-    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
-        measure_graph(lambda _: None, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="graph=True needs a CUDA device"):
+        measure(lambda _: None, device=torch.device("cpu"), graph=True)
 
 
 def _e2e(model, provider, median, pass_="train_step"):
