@@ -22,19 +22,13 @@ __all__ = ["KernelOp"]
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args: tuple) -> bool:
-    """True outside torch.compile/export, dispatch modes and torch.func transforms, with plain tensors only."""
-    if (
+def _outside_tracing() -> bool:
+    """True outside torch.compile/export, dispatch modes and torch.func transforms."""
+    return not (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._functorch.peek_interpreter_stack() is not None
-    ):
-        return False
-    return all(type(a) in _PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
-
-
-def _requires_grad(args: tuple) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    )
 
 
 class KernelOp:
@@ -58,7 +52,7 @@ class KernelOp:
 
         # The ctx-taking form of forward: the form with a separate setup_context binds its arguments through
         # inspect.signature on every call (tens of microseconds). torch.func transforms never get here
-        # (_plain_eager sends them to the custom op).
+        # (__call__ sends them to the custom op).
         def forward(ctx, *args):
             output = impl(*args)
             setup_context(ctx, args, output)
@@ -72,11 +66,20 @@ class KernelOp:
         )
 
     def __call__(self, *args):
-        if _plain_eager(args):
-            if not _requires_grad(args):
-                return self._impl(*args)  # no graph to record (inference, or the backward pass itself)
-            if self._function is not None:
-                return self._function.apply(*args)
+        # Every kernel call passes here, so it is one loop over the arguments rather than generator expressions:
+        # plain tensors only (not subclasses), and whether any needs a gradient.
+        if _outside_tracing():
+            needs_grad = False
+            for arg in args:
+                if isinstance(arg, torch.Tensor):
+                    if type(arg) not in _PLAIN_TENSOR_TYPES:
+                        break
+                    needs_grad = needs_grad or arg.requires_grad
+            else:
+                if not (needs_grad and torch.is_grad_enabled()):
+                    return self._impl(*args)  # no graph to record (inference, or the backward pass itself)
+                if self._function is not None:
+                    return self._function.apply(*args)
         # Also an op without an autograd formula called on tensors that need grad: the custom op's error
         # ("autograd not registered") is the right answer when that graph is differentiated.
         return self.custom_op(*args)
