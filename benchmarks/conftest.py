@@ -1,9 +1,10 @@
 """pytest options and fixtures of the microbenchmark suite (``python -m pytest benchmarks``).
 
 Each ``test_bench_<op>.py`` sets ``OP`` and is parametrized here over the selected cases x dtypes x passes x
-providers x launches (``--bench-launches eager,graph``: as issued, or replayed from a CUDA graph). The timing itself is :func:`benchmarks.timing.measure` (CUDA events, L2 flushed); pytest-benchmark
-runs each measured call a few more times with host synchronisation (its table is a cross-check of launch
-overhead, not the result) and stores the record in its ``extra_info``. Records go to ``--bench-out``.
+providers x launches (``--bench-launches eager,graph``: as issued, or replayed from a CUDA graph). The timing
+itself is :func:`benchmarks.timing.measure` (CUDA events, L2 flushed); pytest-benchmark runs each measured call a
+few more times with host synchronisation (its table is a cross-check of launch overhead, not the result) and
+stores the record in its ``extra_info``. Records go to ``--bench-out``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 // Index math and arithmetic of every deco_kernels kernel, shared by the CUDA kernels (kernels.cu) and their
 // CPU builds (cpu_kernels.cpp).
 //
-// Why the CPU build tests the GPU kernels' math: everything a CUDA thread computes lives in these
-// DECO_HD functions -- which input element a tile slot holds and its zero padding (halo_tile_value), the
-// register-window tap loop of a conv strip (conv_strip), epilogues (bias, upsampled residual), nearest-
-// upsampling source indices and their inverse footprints, the weight gradient's per-thread register-window sums
-// and the order of their reduction, adaptive-pool windows, the first-maximum/NaN rule, the gather
-// ranges of the avg pool backward and the routing of the max pool backward passes, the CIM back end's sum z + gamma * ffn and the split order of its
-// gamma gradient. The CPU build walks the same grid as the GPU (tiles, threads, lanes; serially) and calls the
-// same functions on the same fp32 values, in the same order, with fmaf where the GPU uses an FMA, so a wrong
-// index, halo, flip, footprint or reduction order fails on the CPU.
+// Why the CPU build tests the GPU kernels' math: everything a CUDA thread computes lives in these DECO_HD functions
+// -- which input element a tile slot holds and its zero padding (halo_tile_value), the register-window tap loop of a
+// conv strip (conv_strip), epilogues (bias, upsampled residual), nearest-upsampling source indices and their inverse
+// footprints, the weight gradient's per-thread register-window sums and the order of their reduction, adaptive-pool
+// windows, the first-maximum/NaN rule, the gather ranges of the avg pool backward and the routing of the max pool
+// backward passes, the CIM back end's sum z + gamma * ffn and the split order of its gamma gradient. The CPU build
+// walks the same grid as the GPU (tiles, threads, lanes; serially) and calls the same functions on the same fp32
+// values, in the same order, with fmaf where the GPU uses an FMA, so a wrong index, halo, flip, footprint or
+// reduction order fails on the CPU.
 // What the CPU cannot check is the CUDA-only plumbing around them: shared-memory sizes, __syncthreads
 // placement, launch bounds and the warp shuffles themselves (tests/test_cuda_kernels.py runs those on a GPU).
 #pragma once

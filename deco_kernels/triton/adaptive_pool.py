@@ -110,9 +110,10 @@ def _max_pool_route(
 ):  # fmt: skip
     """Where window (b, c, i, j) routes its gradient: ``(writes, picked, total)``.
 
-    The window's argmax (flat ``picked = h*W + w``) gets the fp32 sum of ``grad_y`` over every window whose argmax it is, added in
-    row-major window order; ``writes`` is True only for the first of those windows, so exactly one program
-    writes each picked input. An index outside its own window (only through the raw op) writes nothing.
+    The window's argmax (flat ``picked = h*W + w``) gets the fp32 sum of ``grad_y`` over every window whose
+    argmax it is, added in row-major window order; ``writes`` is True only for the first of those windows, so
+    exactly one program writes each picked input. An index outside its own window (only through the raw op)
+    writes nothing.
     """
     # Offsets within a plane are 32-bit: grad_y and indices have fewer than 2**31 elements (_check_index_range).
     g_plane = grad_y_ptr + _plane_offset(b, c, g_stride_b, g_stride_c)
