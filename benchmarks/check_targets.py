@@ -10,7 +10,7 @@ the faster of the compile modes measured. End to end, "stock" and "fused" are ea
 providers (eager, compiled, graphed; NCHW or channels-last).
 
 The microbenchmark targets are judged on eagerly launched calls, and again, marked "[graph replay]", on calls
-replayed from CUDA graphs where those were measured (``--bench-launch graph``): the kernels' device time,
+replayed from CUDA graphs where those were measured (``--bench-launches graph``): the kernels' device time,
 without the host work that bounds small batches in eager mode.
 """
 

@@ -10,10 +10,9 @@ Backward, from the saved argmax (and ffn at the argmax, saved by the forward so 
 not stay alive): ``grad_s`` (the gradient of the sum at each input pixel) is routed from the pooled windows,
 exactly as in :mod:`deco_kernels.triton.adaptive_pool` (one lane per window; the first window that picked a
 pixel writes it, the rest stays zero); ``grad_z = grad_s`` and ``grad_ffn = gamma * grad_s`` are written by the
-same program. ``grad_gamma[c] = sum grad_y * ffn[argmax]``
-is reduced on the pooled side (B*OH*OW terms per channel): each program sums a fixed slice of positions for a
-block of channels into its own row of a partial-sum buffer, and the rows are summed in a fixed order
-(deterministic, no atomics).
+same program. ``grad_gamma[c] = sum grad_y * ffn[argmax]`` is reduced on the pooled side (B*OH*OW terms per
+channel): each program sums a fixed slice of positions for a block of channels into its own row of a partial-sum
+buffer, and the rows are summed in a fixed order (deterministic, no atomics).
 """
 
 from __future__ import annotations
