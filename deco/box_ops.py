@@ -14,6 +14,7 @@ __all__ = [
     "box_cxcywh_to_xyxy",
     "box_iou",
     "box_xyxy_to_cxcywh",
+    "elementwise_generalized_box_iou",
     "generalized_box_iou",
 ]
 
@@ -47,6 +48,35 @@ def _check_pair(boxes1: torch.Tensor, boxes2: torch.Tensor) -> None:
             raise ValueError(f"{name} must be an N x 4 tensor of xyxy boxes; got shape {tuple(boxes.shape)}")
 
 
+def _check_not_inverted(boxes1: torch.Tensor, boxes2: torch.Tensor) -> None:
+    # The check cannot run under graph capture or compilation (it reads a value on the host).
+    if torch.compiler.is_compiling() or (boxes1.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
+        if not bool((boxes[..., 2:] >= boxes[..., :2]).all()):
+            raise ValueError(f"{name} holds an inverted box (x1 < x0 or y1 < y0); expected xyxy boxes")
+
+
+def _iou_and_union(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU and union (clamped at AREA_EPS) of broadcastable ``... x 4`` xyxy boxes."""
+    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
+    overlap_wh = (bottom_right - top_left).clamp(min=0)
+    intersection = overlap_wh[..., 0] * overlap_wh[..., 1]
+    union = (box_area(boxes1) + box_area(boxes2) - intersection).clamp(min=AREA_EPS)
+    return intersection / union, union
+
+
+def _generalized_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """GIoU of broadcastable ``... x 4`` xyxy boxes."""
+    iou, union = _iou_and_union(boxes1, boxes2)
+    top_left = torch.min(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.max(boxes1[..., 2:], boxes2[..., 2:])
+    enclosing_wh = (bottom_right - top_left).clamp(min=0)
+    enclosing = (enclosing_wh[..., 0] * enclosing_wh[..., 1]).clamp(min=AREA_EPS)
+    return iou - (enclosing - union) / enclosing
+
+
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairwise IoU of xyxy boxes.
 
@@ -54,14 +84,7 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, t
     :data:`AREA_EPS` (see there), so degenerate boxes give IoU 0 instead of NaN.
     """
     _check_pair(boxes1, boxes2)
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    overlap_wh = (bottom_right - top_left).clamp(min=0)
-    intersection = overlap_wh[..., 0] * overlap_wh[..., 1]
-    union = (area1[:, None] + area2[None, :] - intersection).clamp(min=AREA_EPS)
-    return intersection / union, union
+    return _iou_and_union(boxes1[:, None], boxes2[None])
 
 
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, *, check_inverted: bool = True) -> torch.Tensor:
@@ -73,16 +96,24 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, *, check_inv
     matcher and the loss validate their boxes in bulk instead.
     """
     _check_pair(boxes1, boxes2)
-    # The check cannot run under graph capture or compilation (it reads a value on the host).
-    if check_inverted and not torch.compiler.is_compiling() and not (
-        boxes1.is_cuda and torch.cuda.is_current_stream_capturing()
-    ):
-        for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
-            if not bool((boxes[:, 2:] >= boxes[:, :2]).all()):
-                raise ValueError(f"{name} holds an inverted box (x1 < x0 or y1 < y0); expected xyxy boxes")
-    iou, union = box_iou(boxes1, boxes2)
-    top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    enclosing_wh = (bottom_right - top_left).clamp(min=0)
-    enclosing = (enclosing_wh[..., 0] * enclosing_wh[..., 1]).clamp(min=AREA_EPS)
-    return iou - (enclosing - union) / enclosing
+    if check_inverted:
+        _check_not_inverted(boxes1, boxes2)
+    return _generalized_iou(boxes1[:, None], boxes2[None])
+
+
+def elementwise_generalized_box_iou(
+    boxes1: torch.Tensor, boxes2: torch.Tensor, *, check_inverted: bool = True
+) -> torch.Tensor:
+    """The GIoU of each box in ``boxes1`` with the box at the same position in ``boxes2``.
+
+    boxes1, boxes2: ``... x 4`` xyxy of one shape. Returns ``...``: the diagonal of :func:`generalized_box_iou`
+    without the N x N matrix. Degenerate and inverted boxes as there.
+    """
+    if boxes1.shape != boxes2.shape or boxes1.dim() == 0 or boxes1.shape[-1] != 4:
+        raise ValueError(
+            "boxes1 and boxes2 must be ... x 4 xyxy boxes of one shape; got "
+            f"{tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
+        )
+    if check_inverted:
+        _check_not_inverted(boxes1, boxes2)
+    return _generalized_iou(boxes1, boxes2)

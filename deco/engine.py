@@ -136,8 +136,16 @@ class Trainer:
         )
         self.train_model = self.model
         if distributed.is_distributed():
+            # Only trainable BatchNorm statistics need rank 0's copy before each forward; frozen buffers are the same
+            # on every rank, and broadcasting them would cost a collective per step.
+            running_statistics = any(
+                isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+                for module in self.model.modules()
+            )
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=running_statistics,
             )
 
         self.epoch = 0

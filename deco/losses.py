@@ -12,11 +12,12 @@ from __future__ import annotations
 import itertools
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from deco import distributed
-from deco.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from deco.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from deco.matcher import HungarianMatcher, concatenated_targets
 
 __all__ = ["CLASS_LOSSES", "SetCriterion", "build_criterion", "sigmoid_focal_loss"]
@@ -73,6 +74,7 @@ class SetCriterion(torch.nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.eos_coef = eos_coef
+        self._weight_tensors: dict[tuple, torch.Tensor] = {}  # total()'s weights, per (values, device, dtype)
         if class_loss == "softmax_ce":
             empty_weight = torch.ones(num_classes + 1)
             empty_weight[-1] = eos_coef
@@ -89,27 +91,35 @@ class SetCriterion(torch.nn.Module):
     def loss_labels(
         self, logits: torch.Tensor, pairs: MatchedPairs, target_labels: torch.Tensor, num_boxes: torch.Tensor
     ) -> torch.Tensor:
+        """logits: L x B x Q x K (L decoder layers) -> the L layers' classification losses."""
         # Unmatched queries are "no object": class num_classes (the extra softmax column, or, for the focal
         # loss, a column that is dropped so that those queries get an all-zero one-hot row).
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[pairs.batch, pairs.query] = target_labels[pairs.target]
+        num_layers = logits.shape[0]
+        target_classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[pairs.layer, pairs.batch, pairs.query] = target_labels[pairs.target]
         if self.class_loss == "softmax_ce":
-            return F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)
+            # F.cross_entropy's weighted mean, per layer: sum of weight * CE over the sum of the weights.
+            ce = F.cross_entropy(
+                logits.flatten(0, 1).transpose(1, 2).float(), target_classes.flatten(0, 1), self.empty_weight,
+                reduction="none",
+            )
+            return ce.view(num_layers, -1).sum(1) / self.empty_weight[target_classes].view(num_layers, -1).sum(1)
         one_hot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(torch.float32)
         loss = sigmoid_focal_loss(logits.float(), one_hot, self.focal_alpha, self.focal_gamma)
-        return loss.sum() / num_boxes
+        return loss.view(num_layers, -1).sum(1) / num_boxes
 
     def loss_boxes(
         self, boxes: torch.Tensor, pairs: MatchedPairs, target_boxes: torch.Tensor, num_boxes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pred_boxes = boxes[pairs.batch, pairs.query].float()
+        """boxes: L x B x Q x 4 -> the L layers' L1 and GIoU losses."""
+        pred_boxes = boxes[pairs.layer, pairs.batch, pairs.query].float()  # L x M x 4
         matched_boxes = target_boxes[pairs.target]
-        loss_bbox = F.l1_loss(pred_boxes, matched_boxes, reduction="sum") / num_boxes
+        loss_bbox = (pred_boxes - matched_boxes).abs().sum((1, 2)) / num_boxes
         # The matcher has rejected inverted boxes already (without a host sync).
-        giou = generalized_box_iou(
+        giou = elementwise_generalized_box_iou(
             box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(matched_boxes), check_inverted=False
         )
-        loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
+        loss_giou = (1 - giou).sum(1) / num_boxes
         return loss_bbox, loss_giou
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
@@ -122,28 +132,45 @@ class SetCriterion(torch.nn.Module):
         target_labels, target_boxes = concatenated_targets(targets, device)
         # Every layer is matched separately, but all in one go: a single host sync per step.
         layer_indices = self.matcher.match_layers(layers, targets, (target_labels, target_boxes))
-        layer_pairs = _matched_pairs(layer_indices, target_counts, device)
+        pairs = _matched_pairs(layer_indices, target_counts, device)
+        # The losses of all layers in one set of ops: a step's host time is mostly spent launching kernels, and
+        # one layer's losses are as many launches as all six.
+        logits = torch.stack([layer["pred_logits"] for layer in layers])
+        boxes = torch.stack([layer["pred_boxes"] for layer in layers])
+        loss_bbox, loss_giou = self.loss_boxes(boxes, pairs, target_boxes, num_boxes)
+        per_layer = {
+            "loss_ce": self.loss_labels(logits, pairs, target_labels, num_boxes),
+            "loss_bbox": loss_bbox,
+            "loss_giou": loss_giou,
+        }
         losses = {}
-        for layer, (layer_outputs, pairs) in enumerate(zip(layers, layer_pairs)):
-            loss_bbox, loss_giou = self.loss_boxes(layer_outputs["pred_boxes"], pairs, target_boxes, num_boxes)
-            layer_losses = {
-                "loss_ce": self.loss_labels(layer_outputs["pred_logits"], pairs, target_labels, num_boxes),
-                "loss_bbox": loss_bbox,
-                "loss_giou": loss_giou,
-            }
-            suffix = "" if layer == 0 else f"_{layer - 1}"
-            losses.update({f"{name}{suffix}": value for name, value in layer_losses.items()})
+        for name, values in per_layer.items():
+            for layer, value in enumerate(values.unbind()):
+                losses[name if layer == 0 else f"{name}_{layer - 1}"] = value
         return losses
 
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted training objective."""
-        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+        """The weighted training objective: the sum of ``losses[k] * weight_dict[k]`` over the keys of both."""
+        keys = [k for k in self.weight_dict if k in losses]
+        if not keys:
+            raise ValueError(f"losses holds none of the weighted losses {sorted(self.weight_dict)}; got {sorted(losses)}")
+        # Three ops whatever the number of layers, rather than a multiply and an add per loss term.
+        values = torch.stack([losses[k] for k in keys])
+        weights = tuple(self.weight_dict[k] for k in keys)
+        cache_key = (weights, values.device, values.dtype)
+        weight_tensor = self._weight_tensors.get(cache_key)
+        if weight_tensor is None:
+            weight_tensor = torch.tensor(weights, dtype=values.dtype, device=values.device)
+            self._weight_tensors[cache_key] = weight_tensor
+        return (values * weight_tensor).sum()
 
 
 class MatchedPairs(NamedTuple):
-    """The matched (prediction, target) pairs of one layer, M of them, as int64 index tensors on the device:
-    prediction ``(batch[m], query[m])`` is matched to target ``target[m]`` of the batch's concatenated targets."""
+    """The matched (prediction, target) pairs of L layers as int64 L x M index tensors on the device (every
+    layer matches the same number M: min(Q, N_i) per image): prediction ``(layer[l, m], batch[l, m],
+    query[l, m])`` is matched to target ``target[l, m]`` of the batch's concatenated targets."""
 
+    layer: torch.Tensor
     batch: torch.Tensor
     query: torch.Tensor
     target: torch.Tensor
@@ -151,22 +178,23 @@ class MatchedPairs(NamedTuple):
 
 def _matched_pairs(
     layer_indices: list[list[tuple[torch.Tensor, torch.Tensor]]], target_counts: list[int], device: torch.device
-) -> list[MatchedPairs]:
+) -> MatchedPairs:
     """The matcher's per-image ``(query_index, target_index)`` pairs of each layer as :class:`MatchedPairs`, with
     the indices of all layers in one host-to-device copy (from pinned memory on a GPU, so the host goes on)."""
     offsets = [0, *itertools.accumulate(target_counts)]
-    images, queries, matched = [], [], []
-    for indices in layer_indices:
+    # Assembled in numpy: a few dozen small CPU tensor ops would cost more host time than the copy.
+    columns = [np.zeros((4, 0), dtype=np.int64)]
+    for layer, indices in enumerate(layer_indices):
         for image, (query_index, target_index) in enumerate(indices):
-            images.append(torch.full_like(query_index, image))
-            queries.append(query_index)
-            matched.append(target_index + offsets[image])
-    pair_counts = [sum(len(query_index) for query_index, _ in indices) for indices in layer_indices]
-    stacked = torch.stack([torch.cat(images), torch.cat(queries), torch.cat(matched)])
+            count = len(query_index)
+            columns.append(np.stack([
+                np.full(count, layer), np.full(count, image), query_index.numpy(), target_index.numpy() + offsets[image]
+            ]))
+    stacked = torch.from_numpy(np.concatenate(columns, axis=1))
     if device.type == "cuda":
         stacked = stacked.pin_memory()
-    stacked = stacked.to(device, non_blocking=True)
-    return [MatchedPairs(*layer) for layer in stacked.split(pair_counts, dim=1)]
+    stacked = stacked.to(device, non_blocking=True).view(4, len(layer_indices), -1)
+    return MatchedPairs(*stacked)
 
 
 def build_criterion(

@@ -8,6 +8,7 @@ from deco.box_ops import (
     box_cxcywh_to_xyxy,
     box_iou,
     box_xyxy_to_cxcywh,
+    elementwise_generalized_box_iou,
     generalized_box_iou,
 )
 
@@ -98,3 +99,21 @@ def test_empty_inputs():
     iou, union = box_iou(torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
     assert iou.shape == union.shape == (0, 1)
     assert generalized_box_iou(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.zeros(0, 4)).shape == (1, 0)
+
+
+def test_elementwise_generalized_box_iou_is_the_pairwise_diagonal():
+    generator = torch.Generator().manual_seed(3)
+    centre = torch.rand(2, 5, 2, generator=generator, dtype=torch.float64)
+    size = torch.rand(2, 5, 2, generator=generator, dtype=torch.float64) * 0.5
+    boxes1 = box_cxcywh_to_xyxy(torch.cat([centre, size], -1))
+    boxes2 = box_cxcywh_to_xyxy(torch.cat([centre.flip(1), size * 2], -1))
+    boxes2[0, 0] = boxes1[0, 0]  # identical boxes: GIoU 1
+    giou = elementwise_generalized_box_iou(boxes1, boxes2)
+    assert giou.shape == (2, 5)
+    for row in range(2):
+        torch.testing.assert_close(giou[row], torch.diag(generalized_box_iou(boxes1[row], boxes2[row])))
+    assert giou[0, 0].item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"one shape; got \(2, 5, 4\) and \(5, 4\)"):
+        elementwise_generalized_box_iou(boxes1, boxes2[0])
+    with pytest.raises(ValueError, match="boxes1 holds an inverted box"):
+        elementwise_generalized_box_iou(boxes1.flip(-1), boxes2)

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deco.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from deco.losses import build_criterion, sigmoid_focal_loss
@@ -92,6 +93,12 @@ def test_aux_layers_are_matched_separately_and_weighted():
     assert set(criterion.weight_dict) == set(losses)
     total = criterion.total(losses)
     assert total.item() == pytest.approx(sum(losses[k].item() * w for k, w in criterion.weight_dict.items()), rel=1e-6)
+    # A weight changed after a call counts in the next one; a loss without a weight counts for nothing.
+    criterion.weight_dict["loss_ce_0"] = 100.0
+    changed = criterion.total({**losses, "loss_unweighted": torch.tensor(1e6)})
+    assert changed.item() == pytest.approx(total.item() + 98 * losses["loss_ce_0"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="none of the weighted losses"):
+        criterion.total({"loss_unweighted": torch.tensor(1.0)})
 
 
 def test_layers_and_images_get_their_own_matches():
@@ -130,6 +137,103 @@ def test_layers_and_images_get_their_own_matches():
             giou_loss += 1 - giou.item()
     assert losses["loss_bbox"].item() == pytest.approx(l1 / 8, rel=1e-5)
     assert losses["loss_giou"].item() == pytest.approx(giou_loss / 8, rel=1e-5)
+
+
+def _layer_losses_float64(criterion, outputs, targets, num_boxes):
+    """One layer's losses the plain way (DETR's code shape), in float64: a per-layer reference."""
+    logits, boxes = outputs["pred_logits"].double(), outputs["pred_boxes"].double()
+    indices = criterion.matcher({k: v.detach().float() for k, v in outputs.items()}, targets)
+    classes = torch.full(logits.shape[:2], criterion.num_classes, dtype=torch.int64)
+    predicted, matched = [], []
+    for image, (queries, target_index) in enumerate(indices):
+        classes[image, queries] = targets[image]["labels"][target_index]
+        predicted.append(boxes[image, queries])
+        matched.append(targets[image]["boxes"][target_index].double())
+    predicted, matched = torch.cat(predicted), torch.cat(matched)
+    if criterion.class_loss == "softmax_ce":
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), classes, criterion.empty_weight.double())
+    else:
+        one_hot = F.one_hot(classes, criterion.num_classes + 1)[..., :-1].double()
+        loss_ce = sigmoid_focal_loss(logits, one_hot).sum() / num_boxes
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(matched)))
+    return {
+        "loss_ce": loss_ce,
+        "loss_bbox": (predicted - matched).abs().sum() / num_boxes,
+        "loss_giou": (1 - giou).sum() / num_boxes,
+    }
+
+
+@pytest.mark.parametrize("class_loss", ["focal", "softmax_ce"])
+@pytest.mark.parametrize("counts", [(3, 0, 5), (0, 0), (9, 2)], ids=["mixed", "no-targets", "more-targets-than-queries"])
+def test_all_layers_at_once_match_a_float64_per_layer_reference(class_loss, counts):
+    """The losses of every layer, computed together, and their gradients for every layer's logits and boxes equal
+    each layer's losses computed on its own in float64."""
+    generator = torch.Generator().manual_seed(len(counts) * 10 + counts[0])
+    num_queries, num_classes, num_layers = 6, 4, 4
+    width = num_classes + (1 if class_loss == "softmax_ce" else 0)
+    layers = []
+    for _ in range(num_layers):
+        centre = torch.rand(len(counts), num_queries, 2, generator=generator) * 0.6 + 0.2
+        size = torch.rand(len(counts), num_queries, 2, generator=generator) * 0.3 + 0.05
+        layers.append({
+            "pred_logits": torch.randn(len(counts), num_queries, width, generator=generator).requires_grad_(),
+            "pred_boxes": torch.cat([centre, size], -1).requires_grad_(),
+        })
+    targets = []
+    for count in counts:
+        centre = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+        size = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(num_classes, (count,), generator=generator),
+                        "boxes": torch.cat([centre, size], -1)})
+    criterion = build_criterion(num_classes, num_aux_layers=num_layers - 1, class_loss=class_loss)
+    losses = criterion({**layers[0], "aux_outputs": layers[1:]}, targets)
+    criterion.total(losses).backward()
+
+    num_boxes = max(sum(counts), 1)
+    reference = {}
+    leaves = [{k: v.detach().double().requires_grad_() for k, v in layer.items()} for layer in layers]
+    for index, layer in enumerate(leaves):
+        suffix = "" if index == 0 else f"_{index - 1}"
+        for name, value in _layer_losses_float64(criterion, layer, targets, num_boxes).items():
+            reference[name + suffix] = value
+    criterion.total(reference).backward()
+
+    assert set(losses) == set(reference)
+    for name, value in losses.items():
+        torch.testing.assert_close(value, reference[name].float(), msg=name)
+    for layer, expected in zip(layers, leaves):
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(layer[key].grad, expected[key].grad.float(), msg=key)
+
+
+def test_the_number_of_ops_hardly_grows_with_the_decoder_layers():
+    """All layers' losses are computed in one set of ops (a training step's host time goes into launching them):
+    the ops of matching, losses, weighted total and backward for six layers stay under twice those of one layer
+    (a loop over layers made it about five times)."""
+
+    class CountOps(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_for(num_layers):
+        generator = torch.Generator().manual_seed(0)
+        layers = [
+            {"pred_logits": torch.randn(2, 100, 91, generator=generator).requires_grad_(),
+             "pred_boxes": (torch.rand(2, 100, 4, generator=generator) * 0.3 + 0.2).requires_grad_()}
+            for _ in range(num_layers)
+        ]
+        targets = [{"labels": torch.randint(91, (n,), generator=generator),
+                    "boxes": torch.rand(n, 4, generator=generator) * 0.3 + 0.2} for n in (7, 13)]
+        criterion = build_criterion(91, num_aux_layers=num_layers - 1)
+        with CountOps() as counter:
+            criterion.total(criterion({**layers[0], "aux_outputs": layers[1:]}, targets)).backward()
+        return counter.count
+
+    one, six = ops_for(1), ops_for(6)
+    assert six < 2 * one, (one, six)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a CUDA device")

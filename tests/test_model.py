@@ -256,3 +256,39 @@ def test_fused_kernels_path_has_the_stock_state_dict():
     assert list(stock_state) == list(fused_state)
     assert all(stock_state[k].shape == fused_state[k].shape for k in stock_state)
     fused.load_state_dict(stock_state, strict=True)
+
+
+def test_frozen_batch_norm_reuses_its_scale_and_shift_only_while_the_buffers_hold():
+    """The cached scale and shift give the uncached formula's bits, and every way a buffer changes (in-place load,
+    a new tensor, a dtype) recomputes them; inference-mode results do not leak into a training backward."""
+    torch.manual_seed(0)
+    bn = FrozenBatchNorm2d(5)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(bn, name).copy_(torch.rand(5) + 0.5)
+    x = torch.randn(2, 5, 3, 4)
+
+    def uncached(module, inputs):
+        scale = module.weight * (module.running_var + module.eps).rsqrt()
+        shift = module.bias - module.running_mean * scale
+        return inputs * scale[None, :, None, None] + shift[None, :, None, None]
+
+    torch.testing.assert_close(bn(x), uncached(bn, x), rtol=0, atol=0)
+    torch.testing.assert_close(bn(x), uncached(bn, x), rtol=0, atol=0)  # from the cache
+    bn.load_state_dict({**bn.state_dict(), "running_var": torch.full((5,), 4.0)})
+    torch.testing.assert_close(bn(x), uncached(bn, x), rtol=0, atol=0)
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    torch.testing.assert_close(bn(x), uncached(bn, x), rtol=0, atol=0)
+    bn.bias = torch.full((5,), -3.0)
+    torch.testing.assert_close(bn(x), uncached(bn, x), rtol=0, atol=0)
+    bn.double()
+    assert bn(x.double()).dtype == torch.float64
+    torch.testing.assert_close(bn(x.double()), uncached(bn, x.double()), rtol=0, atol=0)
+
+    with torch.no_grad():
+        bn.running_var.mul_(2.0)
+    with torch.inference_mode():  # computed afresh here, so as inference tensors
+        bn(x.double())
+    leaf = x.double().requires_grad_()
+    bn(leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, uncached(bn, torch.ones_like(leaf)) - uncached(bn, torch.zeros_like(leaf)))
