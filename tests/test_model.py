@@ -9,6 +9,7 @@ from torch import nn
 
 from deco.models import build_deco
 from deco.models.backbone import Backbone, FrozenBatchNorm2d
+from deco.models.heads import build_heads
 
 SMALL = dict(num_classes=5, d_model=32, encoder_dims=(16, 32), encoder_depths=(1, 1), num_decoder_layers=2)
 
@@ -292,3 +293,27 @@ def test_frozen_batch_norm_reuses_its_scale_and_shift_only_while_the_buffers_hol
     leaf = x.double().requires_grad_()
     bn(leaf).sum().backward()
     torch.testing.assert_close(leaf.grad, uncached(bn, torch.ones_like(leaf)) - uncached(bn, torch.zeros_like(leaf)))
+
+
+def test_heads_batched_over_layers_equal_each_layers_own_linear_layers():
+    """The heads run as one batched matmul per head layer; outputs and every parameter's gradient equal each
+    layer's class Linear and box MLP applied on their own (float64)."""
+    torch.manual_seed(0)
+    heads = build_heads(d_model=8, num_classes=5, num_layers=3).double()
+    for parameter in heads.parameters():  # the release's zero last box layer would hide a wrong weight
+        torch.nn.init.normal_(parameter)
+    features = [torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out = heads(features)
+    predictions = [*out["aux_outputs"], {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}]
+    for layer, (x, prediction) in enumerate(zip(features, predictions)):
+        torch.testing.assert_close(prediction["pred_logits"], heads.class_embed[layer](x))
+        torch.testing.assert_close(prediction["pred_boxes"], heads.bbox_embed[layer](x).sigmoid())
+    weights = [torch.randn_like(p["pred_logits"]) for p in predictions] + [torch.randn_like(p["pred_boxes"]) for p in predictions]
+    outputs = [p["pred_logits"] for p in predictions] + [p["pred_boxes"] for p in predictions]
+    parameters = [*heads.parameters(), *features]
+    grads = torch.autograd.grad(outputs, parameters, weights)
+    reference = [heads.class_embed[layer](x) for layer, x in enumerate(features)]
+    reference += [heads.bbox_embed[layer](x).sigmoid() for layer, x in enumerate(features)]
+    expected = torch.autograd.grad(reference, parameters, weights)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)

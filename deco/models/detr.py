@@ -160,7 +160,10 @@ class DETR(nn.Module):
         for layer in self.decoder_layers:
             tgt = layer(tgt, query_pos, memory, pos, padding_mask)
             per_layer.append(self.decoder_norm(tgt))
-        outputs = [{"pred_logits": self.class_embed(h), "pred_boxes": self.bbox_embed(h).sigmoid()} for h in per_layer]
+        # The shared heads run once over all layers (L x B x Q x d), as in DETR's code.
+        hidden = torch.stack(per_layer)
+        logits, boxes = self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
+        outputs = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits.unbind(), boxes.unbind())]
         return {**outputs[-1], "aux_outputs": outputs[:-1]}
 
 
