@@ -137,7 +137,8 @@ class Trainer:
         self.train_model = self.model
         if distributed.is_distributed():
             # Only trainable BatchNorm statistics need rank 0's copy before each forward; frozen buffers are the same
-            # on every rank, and broadcasting them would cost a collective per step.
+            # on every rank, and broadcasting them would cost a collective per step. Gradients as views of the
+            # all-reduce buckets save a copy of every gradient per step and their memory.
             running_statistics = any(
                 isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
                 for module in self.model.modules()
@@ -146,6 +147,7 @@ class Trainer:
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=running_statistics,
+                gradient_as_bucket_view=True,
             )
 
         self.epoch = 0
