@@ -74,7 +74,7 @@ class SetCriterion(torch.nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.eos_coef = eos_coef
-        self._weight_tensors: dict[tuple, torch.Tensor] = {}  # total()'s weights, per (values, device, dtype)
+        self._weight_tensors: dict[tuple, torch.Tensor] = {}  # total()'s weights, per (weights, device, dtype)
         if class_loss == "softmax_ce":
             empty_weight = torch.ones(num_classes + 1)
             empty_weight[-1] = eos_coef
@@ -153,7 +153,9 @@ class SetCriterion(torch.nn.Module):
         """The weighted training objective: the sum of ``losses[k] * weight_dict[k]`` over the keys of both."""
         keys = [k for k in self.weight_dict if k in losses]
         if not keys:
-            raise ValueError(f"losses holds none of the weighted losses {sorted(self.weight_dict)}; got {sorted(losses)}")
+            raise ValueError(
+                f"losses holds none of the weighted losses {sorted(self.weight_dict)}; got {sorted(losses)}"
+            )
         # Three ops whatever the number of layers, rather than a multiply and an add per loss term.
         values = torch.stack([losses[k] for k in keys])
         weights = tuple(self.weight_dict[k] for k in keys)

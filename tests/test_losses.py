@@ -164,7 +164,9 @@ def _layer_losses_float64(criterion, outputs, targets, num_boxes):
 
 
 @pytest.mark.parametrize("class_loss", ["focal", "softmax_ce"])
-@pytest.mark.parametrize("counts", [(3, 0, 5), (0, 0), (9, 2)], ids=["mixed", "no-targets", "more-targets-than-queries"])
+@pytest.mark.parametrize(
+    "counts", [(3, 0, 5), (0, 0), (9, 2)], ids=["mixed", "no-targets", "more-targets-than-queries"]
+)
 def test_all_layers_at_once_match_a_float64_per_layer_reference(class_loss, counts):
     """The losses of every layer, computed together, and their gradients for every layer's logits and boxes equal
     each layer's losses computed on its own in float64."""

@@ -308,8 +308,8 @@ def test_heads_batched_over_layers_equal_each_layers_own_linear_layers():
     for layer, (x, prediction) in enumerate(zip(features, predictions)):
         torch.testing.assert_close(prediction["pred_logits"], heads.class_embed[layer](x))
         torch.testing.assert_close(prediction["pred_boxes"], heads.bbox_embed[layer](x).sigmoid())
-    weights = [torch.randn_like(p["pred_logits"]) for p in predictions] + [torch.randn_like(p["pred_boxes"]) for p in predictions]
     outputs = [p["pred_logits"] for p in predictions] + [p["pred_boxes"] for p in predictions]
+    weights = [torch.randn_like(output) for output in outputs]
     parameters = [*heads.parameters(), *features]
     grads = torch.autograd.grad(outputs, parameters, weights)
     reference = [heads.class_embed[layer](x) for layer, x in enumerate(features)]

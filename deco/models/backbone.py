@@ -92,7 +92,7 @@ class FrozenBatchNorm2d(nn.Module):
         return scale[None, :, None, None].to(dtype), shift[None, :, None, None].to(dtype)
 
     def _cached_scale_and_shift(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Recomputing them costs six kernel launches per layer and call (120 per DECO-R18 forward), and a batch-2
+        # Recomputing them costs five kernel launches per layer and call (100 per ResNet-18 forward), and a batch-2
         # training step is bound by the host's launch work. They change only with a buffer: a new tensor (.to(),
         # assignment) or an in-place change (load_state_dict), which bumps the tensor's version. Inference-mode
         # tensors cannot be saved for a backward, so inference mode has its own entry.
