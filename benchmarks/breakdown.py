@@ -2,6 +2,7 @@
 
 ``python -m benchmarks.breakdown ops [--ops ...] [--groups deco,stride8] [--dtypes float32,bfloat16]``
 ``python -m benchmarks.breakdown e2e [--models deco-r18] [--providers stock-eager,fused-eager] [--trace-dir DIR]``
+``python -m benchmarks.breakdown counts [--models deco-r18,deco-r50,detr-r50] [--kernels stock,fused]``
 
 The microbenchmarks and ``benchmarks.e2e`` give one median per row; this says what is inside it, to decide
 what to tune next (a diagnostic: it prints text, and nothing here is a result of record).
@@ -16,6 +17,11 @@ what to tune next (a diagnostic: it prints text, and nothing here is a result of
   plus its device time has them), then the ops ranked by host time and the kernels by device time.
   ``--trace-dir`` writes one Chrome trace per row: gaps on the device timeline show where the host holds the
   device up.
+- ``counts``: the aten ops one training step dispatches, by phase (forward, loss with matching, backward,
+  clipping and optimizer), for the full-size models: the host's share of a step that no timing on a particular
+  machine gives. Counted with a dispatch mode, so a fused op counts once (like a stock one, whatever kernels
+  either launches); "computing" leaves out views. The counts hardly depend on the image size, so the CPU gives
+  them too (its fused model runs the CPU build of the CUDA kernels).
 
 On a machine without a GPU both run on the CPU (host time only) so that the code path is tested.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import sys
 import time
@@ -34,13 +41,14 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import e2e
 from benchmarks.cases import OPS, cases, comma_list
 from benchmarks.microbench import BenchEnv, host_call
 from benchmarks.providers import unavailable
 
-__all__ = ["host_syncs", "main", "profile_step"]
+__all__ = ["OpCounter", "count_step_ops", "host_syncs", "main", "profile_step"]
 
 OP_PROVIDERS = ("deco-cuda", "deco-cuda-cl", "deco-triton", "eager-nchw", "eager-cl")
 _TARGET_KERNEL = {"depthwise_conv2d_layernorm": 7}
@@ -164,6 +172,83 @@ def profile_e2e(args, device: torch.device) -> None:
                 e2e.release_memory(device)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched inside it: ``total`` and ``computing`` (the ops that are not views)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.computing = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.computing += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+STEP_PHASES = ("forward", "loss", "backward", "optimizer")
+
+
+def count_step_ops(model_key: str, kernels: str | None, batch: int, image_size: tuple[int, int],
+                   device: torch.device) -> dict[str, OpCounter]:
+    """The ops of one training step of a full-size ``model_key`` (``kernels`` "stock" | "fused"; None for DETR),
+    by phase, after one uncounted step (lazy initialisation)."""
+    from deco.config import TrainConfig
+    from deco.losses import build_criterion
+    from deco.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = e2e.build_model(model_key, "eager" if kernels is None else f"{kernels}-eager").to(device).train()
+    num_layers = len(model.decoder_layers) if kernels is None else model.config["num_decoder_layers"]
+    criterion = build_criterion(e2e.NUM_CLASSES, num_layers - 1, class_loss="softmax_ce" if kernels is None else "focal")
+    criterion = criterion.to(device)
+    optimizer = build_optimizer(model, TrainConfig())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    images, mask, targets = e2e.synthetic_batch(batch, image_size, device, torch.Generator().manual_seed(0))
+    counters = {}
+
+    def phase(name: str) -> OpCounter:
+        counters[name] = OpCounter()
+        return counters[name]
+
+    for counted in (False, True):
+        with phase("forward") if counted else contextlib.nullcontext():
+            outputs = model(images, mask)
+        with phase("loss") if counted else contextlib.nullcontext():
+            loss = criterion.total(criterion(outputs, targets))
+        optimizer.zero_grad(set_to_none=True)
+        with phase("backward") if counted else contextlib.nullcontext():
+            loss.backward()
+        with phase("optimizer") if counted else contextlib.nullcontext():
+            torch.nn.utils.clip_grad_norm_(trainable, 0.1)
+            optimizer.step()
+    return counters
+
+
+def print_op_counts(args, device: torch.device) -> None:
+    from deco_kernels import use_backend
+    from deco_kernels.backend import cuda_extension_available
+
+    print(f"aten ops per training step (batch {args.batch}, {args.image_size[0]}x{args.image_size[1]}, {device.type}): "
+          "computing ops (all ops, views included)")
+    print(f"{'model':10s} {'kernels':8s} " + " ".join(f"{name:>16s}" for name in (*STEP_PHASES, "step")))
+    for model_key in comma_list(args.models):
+        for kernels in [None] if model_key == "detr-r50" else comma_list(args.kernels):
+            backend = "auto"
+            if kernels == "fused" and device.type == "cpu":
+                if not cuda_extension_available():
+                    print(f"{model_key:10s} {kernels:8s} skipped: the CPU build of the CUDA kernels is not available")
+                    continue
+                backend = "cuda"  # on the CPU, "auto" would run the fused model's PyTorch reference
+            with use_backend(backend):
+                counters = count_step_ops(model_key, kernels, args.batch, tuple(args.image_size), device)
+            totals = [(c.computing, c.total) for c in counters.values()]
+            totals.append((sum(computing for computing, _ in totals), sum(total for _, total in totals)))
+            print(f"{model_key:10s} {kernels or '-':8s} "
+                  + " ".join(f"{f'{computing} ({total})':>16s}" for computing, total in totals))
+            e2e.release_memory(device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.breakdown", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--image-size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
     steps.add_argument("--runs", type=int, default=3, help="steps timed, then profiled")
     steps.add_argument("--trace-dir", default=None, help="write one Chrome trace per row here")
+    counts = commands.add_parser("counts", help="aten ops per training step of the full-size models, by phase")
+    counts.add_argument("--models", default=",".join(e2e.MODELS), help=f"comma list from {e2e.MODELS}")
+    counts.add_argument("--kernels", default="stock,fused", help="DECO's kernels: comma list from stock, fused")
+    counts.add_argument("--batch", type=int, default=2)
+    counts.add_argument("--image-size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"),
+                        help="small by default: the counts hardly depend on it")
     return parser
 
 
@@ -192,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--ops: unknown {unknown}; expected among {OPS}")
         profile_ops(args, device)
+    elif args.command == "counts":
+        for name, values, allowed in (("--models", comma_list(args.models), e2e.MODELS),
+                                      ("--kernels", comma_list(args.kernels), ("stock", "fused"))):
+            unknown = sorted(set(values) - set(allowed))
+            if unknown:
+                raise SystemExit(f"{name}: unknown {unknown}; expected among {allowed}")
+        print_op_counts(args, device)
     else:
         if device.type != "cuda":
             args.image_size = (64, 96)

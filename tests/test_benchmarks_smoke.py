@@ -20,6 +20,8 @@ from benchmarks.report import headline_table, render  # noqa: E402
 from benchmarks.microbench import BenchEnv, graph_unavailable, run_record  # noqa: E402
 from benchmarks.results import ResultsFile, add_speedups, load, merge, validate  # noqa: E402
 from benchmarks.timing import measure  # noqa: E402
+from deco_kernels import depthwise_conv2d  # noqa: E402
+from deco_kernels.backend import cuda_extension_available  # noqa: E402
 
 
 def _run_benchmarks(*options):
@@ -440,6 +442,31 @@ def test_op_breakdown_runs_on_cpu(one_thread, capsys):
     assert any("deco-cuda: skipped (deco-cuda needs a CUDA device" in line for line in lines)
     with pytest.raises(SystemExit, match="--ops: unknown"):
         breakdown.main(["ops", "--ops", "conv3d"])
+
+
+def test_op_counter_counts_views_apart_and_a_fused_op_once():
+    x = torch.randn(2, 3, 4, 4)
+    with breakdown.OpCounter() as counter:
+        (x.view(2, 48) * 2).sum()
+    assert (counter.total, counter.computing) == (3, 2)
+    if not cuda_extension_available():
+        pytest.skip("the CPU build of the CUDA kernels is not available")
+    weight = torch.randn(3, 1, 3, 3)
+    with breakdown.OpCounter() as counter:
+        depthwise_conv2d(x, weight, backend="cuda")
+    assert counter.computing == 1
+
+
+def test_step_op_counts_by_phase(one_thread, capsys):
+    """The full-size DECO-R18 step's ops by phase: every phase runs ops, and the printed step total is their sum."""
+    counters = breakdown.count_step_ops("deco-r18", "stock", 2, (64, 64), torch.device("cpu"))
+    assert list(counters) == list(breakdown.STEP_PHASES)
+    assert all(0 < c.computing <= c.total for c in counters.values())
+    assert breakdown.main(["counts", "--models", "deco-r18", "--kernels", "stock", "--image-size", "64", "64"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("deco-r18")]
+    assert row.split()[-2] == str(sum(c.computing for c in counters.values()))
+    with pytest.raises(SystemExit, match="--kernels: unknown"):
+        breakdown.main(["counts", "--kernels", "triton"])
 
 
 def test_step_breakdown_writes_a_trace_per_row(tmp_path, one_thread, capsys):
