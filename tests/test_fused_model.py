@@ -167,7 +167,8 @@ def test_channels_last_fused_model_copies_no_activation(backend):
     _skip_unless_available(backend)
     torch.manual_seed(0)
     model = models.build_deco(kernels="fused", **TINY).to(KERNEL_DEVICE).to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 64, 96, device=KERNEL_DEVICE)
+    # Three images: the heads' L x B x Q x K outputs (L = 2 layers here) must not look like a batch of maps.
+    images = torch.randn(3, 3, 64, 96, device=KERNEL_DEVICE)
 
     def step():
         outputs = _flatten(model(images))

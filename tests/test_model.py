@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deco.models import build_deco
 from deco.models.backbone import Backbone, FrozenBatchNorm2d
@@ -271,7 +272,7 @@ def test_frozen_batch_norm_reuses_its_scale_and_shift_only_while_the_buffers_hol
     def uncached(module, inputs):
         scale = module.weight * (module.running_var + module.eps).rsqrt()
         shift = module.bias - module.running_mean * scale
-        return inputs * scale[None, :, None, None] + shift[None, :, None, None]
+        return torch.addcmul(shift[None, :, None, None], inputs, scale[None, :, None, None])
 
     torch.testing.assert_close(bn(x), uncached(bn, x), rtol=0, atol=0)
     torch.testing.assert_close(bn(x), uncached(bn, x), rtol=0, atol=0)  # from the cache
@@ -306,6 +307,7 @@ def test_heads_batched_over_layers_equal_each_layers_own_linear_layers():
     out = heads(features)
     predictions = [*out["aux_outputs"], {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}]
     for layer, (x, prediction) in enumerate(zip(features, predictions)):
+        assert prediction["pred_logits"].is_contiguous() and prediction["pred_boxes"].is_contiguous()
         torch.testing.assert_close(prediction["pred_logits"], heads.class_embed[layer](x))
         torch.testing.assert_close(prediction["pred_boxes"], heads.bbox_embed[layer](x).sigmoid())
     outputs = [p["pred_logits"] for p in predictions] + [p["pred_boxes"] for p in predictions]
@@ -317,3 +319,16 @@ def test_heads_batched_over_layers_equal_each_layers_own_linear_layers():
     expected = torch.autograd.grad(reference, parameters, weights)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    # Each weight's gradient comes out in the weight's own layout, so accumulating it into .grad copies nothing.
+    out = heads([x.detach() for x in features])
+    every_output = [p[key] for p in (out, *out["aux_outputs"]) for key in ("pred_logits", "pred_boxes")]
+    called = []
+    with RecordOps():
+        torch.autograd.backward(every_output, [torch.ones_like(output) for output in every_output])
+    assert "aten.copy_" not in called and all(parameter.grad is not None for parameter in heads.parameters())

@@ -108,7 +108,7 @@ class FrozenBatchNorm2d(nn.Module):
             scale, shift = self._scale_and_shift(x.dtype)
         else:
             scale, shift = self._cached_scale_and_shift(x.dtype)
-        return x * scale + shift
+        return torch.addcmul(shift, x, scale)  # one kernel, where x * scale + shift is two
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -52,28 +52,32 @@ class DetectionHeads(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> dict:
         if len(features) != len(self.class_embed):
             raise ValueError(f"expected features of {len(self.class_embed)} decoder layers, got {len(features)}")
-        # Every layer's heads in one batched matmul per head layer (L x B*Q x d): the same products as a Linear
+        # Every layer's heads in one batched matmul per head layer (L x d x B*Q): the same products as a Linear
         # per layer, with a sixth of the kernel launches, which bound a batch-2 training step.
         hidden = torch.stack(list(features))
         num_layers, batch, queries, _ = hidden.shape
-        hidden = hidden.view(num_layers, batch * queries, -1)
+        hidden = hidden.flatten(1, 2).transpose(1, 2)
         logits = _stacked_linear(hidden, self.class_embed)
         mlp_depth = len(self.bbox_embed[0].layers)
         for depth in range(mlp_depth):
             hidden = _stacked_linear(hidden, [mlp.layers[depth] for mlp in self.bbox_embed])
             if depth < mlp_depth - 1:
                 hidden = F.relu(hidden)
-        logits = logits.view(num_layers, batch, queries, -1)
-        boxes = hidden.sigmoid().view(num_layers, batch, queries, -1)
+        logits = logits.transpose(1, 2).unflatten(1, (batch, queries)).contiguous()
+        boxes = hidden.sigmoid().transpose(1, 2).unflatten(1, (batch, queries)).contiguous()
         predictions = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits.unbind(), boxes.unbind())]
         return {**predictions[-1], "aux_outputs": predictions[:-1]}
 
 
 def _stacked_linear(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
-    """``linears[l](x[l])`` for each l: x L x N x in -> L x N x out."""
+    """``linears[l]`` applied to every column of ``x[l]``: x L x in x N -> L x out x N.
+
+    Weight times input (not input times the transposed weight, as nn.Linear computes): each weight's gradient then
+    comes out in the weight's own layout, where the transposed one would cost a copy per parameter.
+    """
     weight = torch.stack([linear.weight for linear in linears])
     bias = torch.stack([linear.bias for linear in linears])
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(2), weight, x)
 
 
 def build_heads(d_model: int = 480, num_classes: int = 91, num_layers: int = 6) -> DetectionHeads:
