@@ -27,14 +27,15 @@ AREA_EPS = 1e-7
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """``... x 4`` (cx, cy, w, h) -> ``... x 4`` (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+    # On coordinate pairs: four kernels rather than nine (one per coordinate), the same values.
+    centre, half_size = boxes[..., :2], 0.5 * boxes[..., 2:]
+    return torch.cat((centre - half_size, centre + half_size), dim=-1)
 
 
 def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
     """``... x 4`` (x0, y0, x1, y1) -> ``... x 4`` (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
+    low, high = boxes[..., :2], boxes[..., 2:]
+    return torch.cat(((low + high) / 2, high - low), dim=-1)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
