@@ -162,7 +162,11 @@ class SetCriterion(torch.nn.Module):
         cache_key = (weights, values.device, values.dtype)
         weight_tensor = self._weight_tensors.get(cache_key)
         if weight_tensor is None:
-            weight_tensor = torch.tensor(weights, dtype=values.dtype, device=values.device)
+            # From pinned memory without blocking, like the matched pairs: a plain copy would make the host wait.
+            weight_tensor = torch.tensor(weights, dtype=values.dtype)
+            if values.device.type == "cuda":
+                weight_tensor = weight_tensor.pin_memory()
+            weight_tensor = weight_tensor.to(values.device, non_blocking=True)
             self._weight_tensors[cache_key] = weight_tensor
         return (values * weight_tensor).sum()
 

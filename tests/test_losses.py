@@ -253,7 +253,7 @@ def test_criterion_syncs_the_host_once_on_cuda():
                 "boxes": (torch.rand(n, 4, generator=generator) * 0.4 + 0.1).to(device)} for n in (5, 0, 12, 1)]
     criterion = build_criterion(num_classes, num_aux_layers=5).to(device)
     outputs = {**layers[0], "aux_outputs": layers[1:]}
-    criterion(outputs, targets)  # warm-up: lazy initialisation may sync
+    criterion(outputs, targets)  # warm-up: lazy initialisation may sync (total's first call must not)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
