@@ -9,7 +9,8 @@
 #   bash scripts/gpu_run.sh e2e            # one device call; repeat it to continue
 #   bash scripts/gpu_run.sh autotune       # optional: torch.compile max-autotune baselines on the target shapes
 #   bash scripts/gpu_run.sh profile        # where the time goes: benchmarks.breakdown (ops, DECO-R18 steps with
-#                                          # Chrome traces) and ncu of the max pool backward; about 6 minutes
+#                                          # Chrome traces, ops per step) and ncu of the max pool backward; about
+#                                          # 7 minutes
 #   bash scripts/gpu_run.sh demo           # the README's main job (deco demo) on the GPU, fused kernels, 4 minutes;
 #                                          # needs pycocotools: run scripts/device_wheels.sh here, carry .whl
 #   bash scripts/gpu_run.sh all            # everything in order (only where no 10-minute limit applies)
@@ -29,9 +30,9 @@
 # e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, demo.log, demo-<gpu>.json;
 # <gpu> is the GPU model, e.g. h100 (each file records its date).
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
-# python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead), PROFILE_OPS_ARGS and
-# PROFILE_E2E_ARGS (of python -m benchmarks.breakdown ops / e2e); GPU_RUN_CARRIED names another
-# directory of carried results.
+# python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead), PROFILE_OPS_ARGS,
+# PROFILE_E2E_ARGS and PROFILE_COUNTS_ARGS (of python -m benchmarks.breakdown ops / e2e / counts);
+# GPU_RUN_CARRIED names another directory of carried results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -205,8 +206,11 @@ step_profile() {
         timeout "$(left 150)" python -m benchmarks.breakdown ops ${PROFILE_OPS_ARGS:-}
         # shellcheck disable=SC2086
         timeout "$(left 200)" python -m benchmarks.breakdown e2e --trace-dir "$traces" ${PROFILE_E2E_ARGS:-}
+        # The ops per training step on this machine's device (the README's table was counted on the CPU).
+        # shellcheck disable=SC2086
+        timeout "$(left 90)" python -m benchmarks.breakdown counts ${PROFILE_COUNTS_ARGS:---models deco-r18,deco-r50}
     } >"$OUT/profile.txt" 2>&1 || STATUS=1
-    grep -E "^#####|fwd\+bwd: wall" "$OUT/profile.txt"
+    grep -E "^#####|fwd\+bwd: wall|^(deco|detr)-r[0-9]+ " "$OUT/profile.txt"
     [[ -d $traces ]] && tar czf "$OUT/traces.tar.gz" -C "$(dirname "$traces")" "$(basename "$traces")"
     if command -v ncu >/dev/null; then
         timeout "$(left 120)" ncu --kernel-name regex:MaxPoolBackward --launch-skip 3 --launch-count 1 \

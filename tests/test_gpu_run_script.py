@@ -36,6 +36,7 @@ def _gpu_run(out, carried, *steps, providers):
         HOST_ARGS="--calls 2 --repeats 1 --ops adaptive_max_pool2d --backends torch",
         PROFILE_OPS_ARGS="--ops adaptive_max_pool2d --dtypes float32 --runs 1",
         PROFILE_E2E_ARGS="--providers fused-eager --passes infer --runs 1",
+        PROFILE_COUNTS_ARGS="--models deco-r18 --kernels stock --image-size 64 64",
     )
     done = subprocess.run(
         ["bash", "scripts/gpu_run.sh", *steps], cwd=REPO, env=environment, capture_output=True, text=True, timeout=600
@@ -76,6 +77,7 @@ def test_profile_step_writes_breakdowns_and_traces(tmp_path):
     log = _gpu_run(tmp_path, tmp_path / "none", "profile", providers="eager-nchw")
     assert "adaptive_max_pool2d smoke" in log and "eager-nchw fwd+bwd: wall" in log
     assert "##### deco-r18-fused-eager-infer: wall" in log
+    assert any(line.split()[:2] == ["deco-r18", "stock"] for line in log.splitlines())  # the ops per step
     with tarfile.open(tmp_path / "traces.tar.gz") as archive:
         assert archive.getnames() == ["deco-traces", "deco-traces/deco-r18-fused-eager-infer.json"]
 
