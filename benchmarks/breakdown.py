@@ -23,7 +23,7 @@ what to tune next (a diagnostic: it prints text, and nothing here is a result of
   either launches); "computing" leaves out views. The counts hardly depend on the image size, so the CPU gives
   them too (its fused model runs the CPU build of the CUDA kernels).
 
-On a machine without a GPU both run on the CPU (host time only) so that the code path is tested.
+On a machine without a GPU all three run on the CPU (host time only) so that the code path is tested.
 """
 
 from __future__ import annotations
