@@ -33,7 +33,6 @@ import collections
 import contextlib
 import functools
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import e2e
 from benchmarks.cases import OPS, cases, comma_list
+from benchmarks.host_overhead import measure_calls
 from benchmarks.microbench import BenchEnv, host_call
 from benchmarks.providers import unavailable
 
@@ -61,25 +61,15 @@ def _kernel_events(events) -> list:
 def profile_step(step: Callable[[], None], device: torch.device, runs: int, trace: Path | None = None):
     """(wall ms per step over ``runs`` back-to-back steps, the profiler's key averages of ``runs`` more steps).
 
-    ``step`` is warmed up first (three calls). With ``trace``, the profiled steps go to that Chrome trace file.
+    ``step`` is warmed up first (``runs`` calls). With ``trace``, the profiled steps go to that Chrome trace file.
     """
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(3):
-        step()
-    synchronize()
-    started = time.perf_counter()
-    for _ in range(runs):
-        step()
-    synchronize()
-    wall_ms = (time.perf_counter() - started) / runs * 1e3
+    wall_ms = measure_calls(step, device, runs, repeats=1) / 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         for _ in range(runs):
             step()
-        synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     if trace is not None:
         profiler.export_chrome_trace(str(trace))
     return wall_ms, profiler.key_averages()

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.cases import comma_list
 from benchmarks.results import ResultsFile, environment
-from benchmarks.timing import measure
+from benchmarks.timing import capture_graph, measure
 
 __all__ = ["MODELS", "build_model", "main", "synthetic_batch"]
 
@@ -121,16 +121,8 @@ def _autocast(dtype: str, device: torch.device, cache_enabled: bool = True):
 def _graphed_inference(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, dtype: str, device):
     """Capture the forward in a CUDA graph once; each replay reruns its kernels without Python or launch
     overhead (inputs stay in the captured buffers, as a serving loop would copy new images into them)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.no_grad(), _autocast(dtype, device, cache_enabled=False):
-        for _ in range(3):  # warm-up off the capture stream: cuDNN / Triton choices, allocator pools
-            model(images, mask)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), _autocast(dtype, device, cache_enabled=False), torch.cuda.graph(graph):
-        model(images, mask)
-    return graph
+    with torch.no_grad(), _autocast(dtype, device, cache_enabled=False):
+        return capture_graph(lambda: model(images, mask), device, warmup_runs=3)
 
 
 def _peak_memory_gb(device: torch.device) -> float | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GraphCaptureError", "Stats", "measure"]
+__all__ = ["GraphCaptureError", "Stats", "capture_graph", "measure"]
 
 
 @dataclass(frozen=True)
@@ -124,20 +124,29 @@ class GraphCaptureError(RuntimeError):
     graph's memory pool)."""
 
 
-def _measure_graph(run, device, rep_ms, warmup_runs, min_runs, max_runs, flush_l2) -> Stats:
+def capture_graph(run: Callable[[], object], device: torch.device, warmup_runs: int) -> torch.cuda.CUDAGraph:
+    """``run()`` captured in a CUDA graph, after ``warmup_runs`` calls on a side stream (as capture requires: lazy
+    initialisation, cuDNN and Triton autotuning and compilation happen there). Raises :class:`GraphCaptureError`
+    when the call cannot be captured. Autograd and autocast modes are the caller's (autocast with
+    ``cache_enabled=False``: its weight cache cannot outlive a capture)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(warmup_runs):
-            run(None)
+            run()
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            run(None)
+            run()
     except RuntimeError as error:
         raise GraphCaptureError(f"the call cannot be captured in a CUDA graph: {error}") from error
+    return graph
+
+
+def _measure_graph(run, device, rep_ms, warmup_runs, min_runs, max_runs, flush_l2) -> Stats:
+    graph = capture_graph(lambda: run(None), device, warmup_runs)
     try:
         graph.replay()
         return _measure_cuda(lambda _: graph.replay(), lambda: None, device, rep_ms, min_runs, max_runs, flush_l2)
