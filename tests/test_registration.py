@@ -10,6 +10,7 @@ generation, which would take minutes on a 2-core CPU and is not what is under te
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -186,3 +187,21 @@ def test_eager_route_skips_the_dispatcher_and_equals_the_custom_op(device, backe
     assert mode.ops == {kernel_op.name for kernel_op in kernel_ops}
     for index, (expected, actual) in enumerate(zip(dispatched, eager, strict=True)):
         assert torch.equal(actual, expected), f"output/gradient {index}: eager route differs from the custom op"
+
+
+@pytest.mark.parametrize("route", ["eager", "custom op"])
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_no_gradient_is_allocated_for_non_differentiable_outputs(device, backend, route):
+    """The max pools' argmax and the conv + LayerNorm statistics get no gradient: backward receives None for
+    them on either route, where autograd's default would allocate and zero-fill one tensor each."""
+    torch.manual_seed(0)
+    model = _EveryOp(4).to(device)
+    query = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    mode = _RecordingMode() if route == "custom op" else contextlib.nullcontext()
+    with deco_kernels.use_backend(backend), torch.profiler.profile() as profile, mode:
+        model(query, memory).square().sum().backward()
+    assert route == "eager" or "depthwise_conv2d_layernorm_backward" in mode.ops
+    # Five without it: the max pool's indices, the LayerNorm's mean and rstd, the back end's indices and picks.
+    assert [event.name for event in profile.events()].count("aten::zeros") == 0
+    assert query.grad is not None and memory.grad is not None

@@ -36,7 +36,8 @@ class KernelOp:
 
     ``qualname`` is ``"deco_kernels::<name>"``; ``impl`` is the op's implementation (its type annotations
     give the schema), ``fake`` its fake implementation; :meth:`register_autograd` takes the ``backward``
-    and ``setup_context`` of ``torch.library.register_autograd`` and uses them for both routes.
+    and ``setup_context`` of ``torch.library.register_autograd`` and uses them for both routes. ``backward`` gets
+    None, not zeros, for the gradients of the outputs ``setup_context`` marks non-differentiable.
     """
 
     def __init__(self, qualname: str, impl: Callable, fake: Callable):
@@ -47,7 +48,14 @@ class KernelOp:
         self._function: type[torch.autograd.Function] | None = None
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
-        self.custom_op.register_autograd(backward, setup_context=setup_context)
+        def setup_without_zero_gradients(ctx, inputs, output):
+            # The gradients of the outputs no loss reaches (argmax indices, LayerNorm statistics) would otherwise
+            # arrive as zero tensors: an allocation and a fill kernel each, on every backward, that no backward
+            # reads. Each op has one differentiable output, so its own gradient is never None.
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, inputs, output)
+
+        self.custom_op.register_autograd(backward, setup_context=setup_without_zero_gradients)
         impl = self._impl
 
         # The ctx-taking form of forward: the form with a separate setup_context binds its arguments through
@@ -55,7 +63,7 @@ class KernelOp:
         # (__call__ sends them to the custom op).
         def forward(ctx, *args):
             output = impl(*args)
-            setup_context(ctx, args, output)
+            setup_without_zero_gradients(ctx, args, output)
             return output
 
         name = "".join(part.title() for part in self.name.split("_")) + "Function"
