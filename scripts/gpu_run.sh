@@ -132,13 +132,16 @@ step_test() {
     ensure_build
     note "tests of both backends on the GPU (log: test.log)"
     # Modules that need pycocotools fail to collect here; the selected kernel tests must still run. Triton's
-    # compiles are CPU work: with pytest-xdist the test files run in parallel (whole files per worker, so each
-    # module-scoped fixture, e.g. the AOT compile report, runs once). "fused_", not "fused": that also matches
-    # "refused" (test_resume's seed test, which needs pycocotools).
+    # compiles are CPU work: with pytest-xdist the test files run in parallel (whole files per worker).
+    # "fused_", not "fused": that also matches "refused" (test_resume's seed test, which needs pycocotools).
+    # Not here, as the CPU CI runs them and they use no GPU: the tests on CPU tensors ("cpu" in their ids; the
+    # CPU build's conv + LayerNorm cases alone took minutes of device time) and the ahead-of-time Triton compiles
+    # (test_triton_aot.py, 160 s of setup).
     local parallel=()
     python -c 'import xdist' 2>/dev/null && parallel=(-n 8 --dist loadfile)
     timeout "$(left 420)" python -m pytest tests -q -p no:cacheprovider --continue-on-collection-errors "${parallel[@]}" \
-        -k "cuda or triton or depthwise or upsample or pool or registration or fused_ or nn_modules" --durations=15 2>&1 | tee "$OUT/test.log"
+        -k "(cuda or triton or depthwise or upsample or pool or registration or fused_ or nn_modules) and not cpu and not aot" \
+        --durations=15 2>&1 | tee "$OUT/test.log"
     local rc=${PIPESTATUS[0]}
     ((rc != 0)) && echo "tests: rc $rc" && STATUS=1
 }
