@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from deco import distributed
 from deco.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from deco.matcher import HungarianMatcher, concatenated_targets
+from deco.matcher import HungarianMatcher, concatenated_targets, stacked_layers
 
 __all__ = ["CLASS_LOSSES", "SetCriterion", "build_criterion", "sigmoid_focal_loss"]
 
@@ -123,20 +123,18 @@ class SetCriterion(torch.nn.Module):
         return loss_bbox, loss_giou
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        layers = [outputs, *(outputs.get("aux_outputs") or ())]
-        for layer in layers:
-            self._check_logits(layer["pred_logits"])
-        device = outputs["pred_logits"].device
+        # The losses of all layers in one set of ops on the stacked layers (L x B x Q x ...), which the matcher
+        # reads too: a step's host time is mostly spent launching kernels, and one layer's losses are as many
+        # launches as all six.
+        logits, boxes = stacked_layers([outputs, *(outputs.get("aux_outputs") or ())])
+        self._check_logits(logits)
+        device = logits.device
         target_counts = [len(t["labels"]) for t in targets]
         num_boxes = distributed.mean_num_boxes(sum(target_counts), device)
         target_labels, target_boxes = concatenated_targets(targets, device)
         # Every layer is matched separately, but all in one go: a single host sync per step.
-        layer_indices = self.matcher.match_layers(layers, targets, (target_labels, target_boxes))
+        layer_indices = self.matcher.match_stacked(logits, boxes, targets, (target_labels, target_boxes))
         pairs = _matched_pairs(layer_indices, target_counts, device)
-        # The losses of all layers in one set of ops: a step's host time is mostly spent launching kernels, and
-        # one layer's losses are as many launches as all six.
-        logits = torch.stack([layer["pred_logits"] for layer in layers])
-        boxes = torch.stack([layer["pred_boxes"] for layer in layers])
         loss_bbox, loss_giou = self.loss_boxes(boxes, pairs, target_boxes, num_boxes)
         per_layer = {
             "loss_ce": self.loss_labels(logits, pairs, target_labels, num_boxes),
@@ -162,11 +160,7 @@ class SetCriterion(torch.nn.Module):
         cache_key = (weights, values.device, values.dtype)
         weight_tensor = self._weight_tensors.get(cache_key)
         if weight_tensor is None:
-            # From pinned memory without blocking, like the matched pairs: a plain copy would make the host wait.
-            weight_tensor = torch.tensor(weights, dtype=values.dtype)
-            if values.device.type == "cuda":
-                weight_tensor = weight_tensor.pin_memory()
-            weight_tensor = weight_tensor.to(values.device, non_blocking=True)
+            weight_tensor = _to_device_without_waiting(torch.tensor(weights, dtype=values.dtype), values.device)
             self._weight_tensors[cache_key] = weight_tensor
         return (values * weight_tensor).sum()
 
@@ -197,10 +191,15 @@ def _matched_pairs(
                 np.full(count, layer), np.full(count, image), query_index.numpy(), target_index.numpy() + offsets[image]
             ]))
     stacked = torch.from_numpy(np.concatenate(columns, axis=1))
+    return MatchedPairs(*_to_device_without_waiting(stacked, device).view(4, len(layer_indices), -1))
+
+
+def _to_device_without_waiting(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU ``tensor`` on ``device``; to a GPU from pinned memory without blocking, as a plain copy from pageable
+    memory makes the host wait for the device's queue."""
     if device.type == "cuda":
-        stacked = stacked.pin_memory()
-    stacked = stacked.to(device, non_blocking=True).view(4, len(layer_indices), -1)
-    return MatchedPairs(*stacked)
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def build_criterion(

@@ -16,7 +16,7 @@ from scipy.optimize import linear_sum_assignment
 
 from deco.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["CLASS_COSTS", "HungarianMatcher", "concatenated_targets"]
+__all__ = ["CLASS_COSTS", "HungarianMatcher", "concatenated_targets", "stacked_layers"]
 
 CLASS_COSTS = ("focal", "softmax")
 
@@ -78,36 +78,33 @@ class HungarianMatcher(torch.nn.Module):
         same targets: L lists of B matrices, each Q x N_i float32 on the CPU. ``concatenated``: the targets'
         :func:`concatenated_targets` on the predictions' device, where the caller has made them already.
 
-        Every layer must have the same B x Q x K logits shape. The costs of all layers come to the host in one
-        copy, the only host sync. Inputs are validated without further syncs: a bad label, an inverted target
-        or predicted box, or a non-finite prediction makes its cost NaN, and a non-finite cost is diagnosed
-        after the copy.
+        Every layer must have the same B x Q x K logits shape (see :func:`stacked_layers`).
         """
-        if not layers:
-            raise ValueError("layers is empty: expected the predictions of at least one decoder layer")
-        shape = None
-        for outputs in layers:
-            logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-            if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4 or logits.shape[:2] != boxes.shape[:2]:
-                raise ValueError(
-                    "outputs must hold pred_logits B x Q x K and pred_boxes B x Q x 4; got "
-                    f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
-                )
-            if shape is not None and logits.shape != shape:
-                raise ValueError(
-                    f"every layer's pred_logits must have one shape; got {tuple(shape)} and {tuple(logits.shape)}"
-                )
-            shape = logits.shape
-        batch, num_queries, num_classes = shape
+        return self.stacked_cost_matrices(*stacked_layers(layers), targets, concatenated)
+
+    @torch.no_grad()
+    def stacked_cost_matrices(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        targets: list[dict],
+        concatenated: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """:meth:`layer_cost_matrices` of :func:`stacked_layers`' logits (L x B x Q x K) and boxes (L x B x Q x 4).
+
+        The costs of all layers come to the host in one copy, the only host sync. Inputs are validated without
+        further syncs: a bad label, an inverted target or predicted box, or a non-finite prediction makes its cost
+        NaN, and a non-finite cost is diagnosed after the copy.
+        """
+        num_layers, batch, num_queries, num_classes = logits.shape
         if len(targets) != batch:
             raise ValueError(f"got {len(targets)} targets for a batch of {batch} predictions")
         sizes = [len(t["labels"]) for t in targets]
-        device = layers[0]["pred_logits"].device
         # One cost matrix for all layers and images (every query against every target) keeps this to a few big
         # ops; each image then takes its own block of columns.
-        flat_logits = torch.cat([outputs["pred_logits"].flatten(0, 1) for outputs in layers]).float()
-        flat_boxes = torch.cat([outputs["pred_boxes"].flatten(0, 1) for outputs in layers]).float()
-        target_labels, target_boxes = concatenated or concatenated_targets(targets, device)
+        flat_logits = logits.flatten(0, 2).float()
+        flat_boxes = boxes.flatten(0, 2).float()
+        target_labels, target_boxes = concatenated or concatenated_targets(targets, logits.device)
         valid_target = _labels_in_range(target_labels, num_classes) & _has_size(target_boxes)
         valid_prediction = _has_size(flat_boxes)
         cost = (
@@ -119,9 +116,9 @@ class HungarianMatcher(torch.nn.Module):
             )
         )
         cost = cost.masked_fill(~(valid_prediction[:, None] & valid_target[None, :]), float("nan"))
-        cost = cost.view(len(layers), batch, num_queries, -1).cpu()
+        cost = cost.view(num_layers, batch, num_queries, -1).cpu()
         if not torch.isfinite(cost).all():
-            _diagnose_bad_cost(layers, targets, num_classes)
+            _diagnose_bad_cost(boxes, targets, num_classes)
         return [[block[image] for image, block in enumerate(layer.split(sizes, -1))] for layer in cost]
 
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -134,10 +131,43 @@ class HungarianMatcher(torch.nn.Module):
         concatenated: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """:meth:`forward` for each of L layers (see :meth:`layer_cost_matrices`), with one host sync in all."""
+        return self.match_stacked(*stacked_layers(layers), targets, concatenated)
+
+    def match_stacked(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        targets: list[dict],
+        concatenated: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`match_layers` of :func:`stacked_layers`' logits and boxes (for a caller that stacks them anyway)."""
         return [
             [_assign(cost) for cost in layer_costs]
-            for layer_costs in self.layer_cost_matrices(layers, targets, concatenated)
+            for layer_costs in self.stacked_cost_matrices(logits, boxes, targets, concatenated)
         ]
+
+
+def stacked_layers(layers: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``pred_logits`` (B x Q x K) and ``pred_boxes`` (B x Q x 4) of L layers, stacked: L x B x Q x K and
+    L x B x Q x 4. Every layer must have the same shapes."""
+    if not layers:
+        raise ValueError("layers is empty: expected the predictions of at least one decoder layer")
+    shape = None
+    for outputs in layers:
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if logits.dim() != 3 or boxes.dim() != 3 or boxes.shape[-1] != 4 or logits.shape[:2] != boxes.shape[:2]:
+            raise ValueError(
+                "outputs must hold pred_logits B x Q x K and pred_boxes B x Q x 4; got "
+                f"{tuple(logits.shape)} and {tuple(boxes.shape)}"
+            )
+        if shape is not None and logits.shape != shape:
+            raise ValueError(
+                f"every layer's pred_logits must have one shape; got {tuple(shape)} and {tuple(logits.shape)}"
+            )
+        shape = logits.shape
+    logits = torch.stack([outputs["pred_logits"] for outputs in layers])
+    boxes = torch.stack([outputs["pred_boxes"] for outputs in layers])
+    return logits, boxes
 
 
 def concatenated_targets(targets: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +191,7 @@ def _assign(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(query_index, dtype=torch.int64), torch.as_tensor(target_index, dtype=torch.int64)
 
 
-def _diagnose_bad_cost(layers: Sequence[dict], targets: list[dict], num_classes: int) -> None:
+def _diagnose_bad_cost(boxes: torch.Tensor, targets: list[dict], num_classes: int) -> None:
     """Raise the error that explains a non-finite matching cost (off the fast path: host syncs are fine)."""
     for image, target in enumerate(targets):
         labels = target["labels"]
@@ -171,7 +201,6 @@ def _diagnose_bad_cost(layers: Sequence[dict], targets: list[dict], num_classes:
             )
         if not _has_size(target["boxes"]).all():
             raise ValueError(f"targets[{image}]['boxes'] holds a box of negative width or height (expected cxcywh)")
-    for outputs in layers:
-        if not _has_size(outputs["pred_boxes"]).all():
-            raise ValueError("pred_boxes holds a box of negative width or height (expected cxcywh)")
+    if not _has_size(boxes).all():
+        raise ValueError("pred_boxes holds a box of negative width or height (expected cxcywh)")
     raise ValueError("the matching cost holds NaN or inf: the predictions are not finite")
