@@ -176,42 +176,26 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-STEP_PHASES = ("forward", "loss", "backward", "optimizer")
-
-
 def count_step_ops(model_key: str, kernels: str | None, batch: int, image_size: tuple[int, int],
                    device: torch.device) -> dict[str, OpCounter]:
     """The ops of one training step of a full-size ``model_key`` (``kernels`` "stock" | "fused"; None for DETR),
-    by phase, after one uncounted step (lazy initialisation)."""
-    from deco.config import TrainConfig
-    from deco.losses import build_criterion
-    from deco.optim import build_optimizer
-
+    by phase (:data:`benchmarks.e2e.STEP_PHASES`), after one uncounted step (lazy initialisation)."""
     torch.manual_seed(0)
-    model = e2e.build_model(model_key, "eager" if kernels is None else f"{kernels}-eager").to(device).train()
-    num_layers = len(model.decoder_layers) if kernels is None else model.config["num_decoder_layers"]
-    criterion = build_criterion(e2e.NUM_CLASSES, num_layers - 1, class_loss="softmax_ce" if kernels is None else "focal")
-    criterion = criterion.to(device)
-    optimizer = build_optimizer(model, TrainConfig())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    images, mask, targets = e2e.synthetic_batch(batch, image_size, device, torch.Generator().manual_seed(0))
-    counters = {}
+    model = e2e.build_model(model_key, "eager" if kernels is None else f"{kernels}-eager").to(device)
+    inputs = e2e.synthetic_batch(batch, image_size, device, torch.Generator().manual_seed(0))
+    counters: dict[str, OpCounter] = {}
+    counting = False
 
-    def phase(name: str) -> OpCounter:
+    def phase(name: str) -> contextlib.AbstractContextManager:
+        if not counting:
+            return contextlib.nullcontext()
         counters[name] = OpCounter()
         return counters[name]
 
-    for counted in (False, True):
-        with phase("forward") if counted else contextlib.nullcontext():
-            outputs = model(images, mask)
-        with phase("loss") if counted else contextlib.nullcontext():
-            loss = criterion.total(criterion(outputs, targets))
-        optimizer.zero_grad(set_to_none=True)
-        with phase("backward") if counted else contextlib.nullcontext():
-            loss.backward()
-        with phase("optimizer") if counted else contextlib.nullcontext():
-            torch.nn.utils.clip_grad_norm_(trainable, 0.1)
-            optimizer.step()
+    step = e2e.build_train_step(model_key, model, model, inputs, device, phase=phase)
+    step()  # lazy initialisation, not counted
+    counting = True
+    step()
     return counters
 
 
@@ -221,7 +205,7 @@ def print_op_counts(args, device: torch.device) -> None:
 
     print(f"aten ops per training step (batch {args.batch}, {args.image_size[0]}x{args.image_size[1]}, {device.type}): "
           "computing ops (all ops, views included)")
-    print(f"{'model':10s} {'kernels':8s} " + " ".join(f"{name:>16s}" for name in (*STEP_PHASES, "step")))
+    print(f"{'model':10s} {'kernels':8s} " + " ".join(f"{name:>16s}" for name in (*e2e.STEP_PHASES, "step")))
     for model_key in comma_list(args.models):
         for kernels in [None] if model_key == "detr-r50" else comma_list(args.kernels):
             backend = "auto"

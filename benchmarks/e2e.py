@@ -37,7 +37,7 @@ from benchmarks.cases import comma_list
 from benchmarks.results import ResultsFile, environment
 from benchmarks.timing import capture_graph, measure
 
-__all__ = ["MODELS", "build_model", "main", "synthetic_batch"]
+__all__ = ["MODELS", "STEP_PHASES", "build_model", "build_train_step", "main", "synthetic_batch"]
 
 log = logging.getLogger("benchmarks.e2e")
 
@@ -141,15 +141,57 @@ def _row(model_key: str, provider: str, dtype: str, pass_: str, args) -> dict:
     }
 
 
+STEP_PHASES = ("forward", "loss", "backward", "optimizer")
+
+
+def build_train_step(
+    model_key: str,
+    model: torch.nn.Module,
+    runner: Callable,
+    batch: tuple[torch.Tensor, torch.Tensor, list[dict]],
+    device: torch.device,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
+) -> Callable[[], None]:
+    """One training step of ``model`` (put in train mode) on ``batch`` = (images, mask, targets), as ``deco train``
+    runs it: ``runner`` (the model or its compiled form) under ``autocast()``, Hungarian matching and the set
+    criterion over every decoder layer, backward, gradient-norm clip 0.1 and ``deco.optim.build_optimizer``'s
+    AdamW (for DETR-R50 too: the groups' learning rates do not change the step's cost; the default foreach AdamW
+    spent about 7 ms of host time per DECO-R18 step on the H100 machine). ``phase(name)`` wraps each of
+    :data:`STEP_PHASES` (the optimizer's ``zero_grad`` in none)."""
+    from deco.config import TrainConfig
+    from deco.losses import build_criterion
+    from deco.optim import build_optimizer
+
+    model.train()
+    class_loss = "softmax_ce" if model_key == "detr-r50" else "focal"
+    num_layers = len(model.decoder_layers) if model_key == "detr-r50" else model.config["num_decoder_layers"]
+    criterion = build_criterion(NUM_CLASSES, num_aux_layers=num_layers - 1, class_loss=class_loss).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, TrainConfig())
+    images, mask, targets = batch
+
+    def step():
+        with phase("forward"), autocast():
+            outputs = runner(images, mask)
+        with phase("loss"):
+            loss = criterion.total(criterion(outputs, targets))
+        optimizer.zero_grad(set_to_none=True)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(trainable, 0.1)
+            optimizer.step()
+
+    return step
+
+
 def build_step(
     model_key: str, provider: str, dtype: str, pass_: str, args, device: torch.device
 ) -> tuple[Callable[[object], None], dict]:
     """One (model, provider, dtype, pass) built on ``device``: its step (a training step: forward, loss with
     matching, backward, clipping and AdamW; or one inference) and the fields of its record."""
-    from deco.config import TrainConfig
-    from deco.losses import build_criterion
-    from deco.optim import build_optimizer
-
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     _, runner_kind, _ = provider_parts(provider)
@@ -160,23 +202,12 @@ def build_step(
     images, mask, targets = synthetic_batch(batch, tuple(args.image_size), device, generator)
 
     if pass_ == "train_step":
-        model.train()
-        class_loss = "softmax_ce" if model_key == "detr-r50" else "focal"
-        num_layers = len(model.decoder_layers) if model_key == "detr-r50" else model.config["num_decoder_layers"]
-        criterion = build_criterion(NUM_CLASSES, num_aux_layers=num_layers - 1, class_loss=class_loss).to(device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        # The optimizer of `deco train`, for DETR-R50 too (the groups' learning rates do not change the step's
-        # cost): the default (foreach) AdamW spent about 7 ms of host time per DECO-R18 step on the H100 machine.
-        optimizer = build_optimizer(model, TrainConfig())
+        train_step = build_train_step(
+            model_key, model, runner, (images, mask, targets), device, autocast=lambda: _autocast(dtype, device)
+        )
 
         def step(_):
-            with _autocast(dtype, device):
-                outputs = runner(images, mask)
-            loss = criterion.total(criterion(outputs, targets))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 0.1)
-            optimizer.step()
+            train_step()
 
     elif runner_kind == "cudagraph":
         model.eval()

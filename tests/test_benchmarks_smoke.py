@@ -460,7 +460,7 @@ def test_op_counter_counts_views_apart_and_a_fused_op_once():
 def test_step_op_counts_by_phase(one_thread, capsys):
     """The full-size DECO-R18 step's ops by phase: every phase runs ops, and the printed step total is their sum."""
     counters = breakdown.count_step_ops("deco-r18", "stock", 2, (64, 64), torch.device("cpu"))
-    assert list(counters) == list(breakdown.STEP_PHASES)
+    assert list(counters) == list(e2e.STEP_PHASES)
     assert all(0 < c.computing <= c.total for c in counters.values())
     assert breakdown.main(["counts", "--models", "deco-r18", "--kernels", "stock", "--image-size", "64", "64"]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("deco-r18")]
