@@ -7,14 +7,16 @@ the cost of a call on the host decides whether a fused op is faster in practice.
 on its ``smoke`` case (a few hundred elements, so the kernels themselves take next to nothing), ``fwd`` (with
 autograd recording) and ``fwd+bwd`` (``torch.autograd.grad``), as the median over repeated loops of
 ``--calls`` back-to-back calls (synchronised once per loop), in microseconds per call. Providers: the public
-``deco_kernels`` op with each of ``--backends`` (``deco-<backend>``) and the stock composition in eager mode
-(``eager-nchw``). On a GPU machine this is the host cost of the launches; on a CPU the kernel backends run
+``deco_kernels`` op with each of ``--backends`` (``deco-<backend>``), with "cuda" also through the Python
+``autograd.Function`` route instead of its C++ autograd nodes (``deco-cuda-python-route``, see
+``deco_kernels/ops/_kernel_op.py``), and the stock composition in eager mode (``eager-nchw``). On a GPU machine this is the host cost of the launches; on a CPU the kernel backends run
 their CPU builds, and the numbers compare routes through Python, not kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from deco_kernels.backend import available_backends
+from deco_kernels.ops._kernel_op import python_route
 
 from benchmarks.cases import OPS, cases, comma_list
 from benchmarks.providers import make_inputs, provider_function
@@ -32,6 +35,8 @@ from benchmarks.results import environment
 __all__ = ["main", "measure_calls"]
 
 PASSES = ("fwd", "fwd+bwd")
+# The "cuda" backend's calls through the route its C++ autograd nodes replace.
+PYTHON_ROUTE = "deco-cuda-python-route"
 
 
 def measure_calls(call, device: torch.device, calls: int, repeats: int) -> float:
@@ -89,17 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny tensors: thread hand-offs would dominate
 
     providers = [f"deco-{backend}" for backend in backends] + ["eager-nchw"]
+    if "cuda" in backends:
+        providers.insert(backends.index("cuda") + 1, PYTHON_ROUTE)
     records = []
     print(f"host overhead on {environment(device)['device']}: microseconds per call, back to back, tiny shapes")
-    print(f"{'op':28s} {'pass':8s}" + "".join(f"{p:>14s}" for p in providers))
+    print(f"{'op':28s} {'pass':8s}" + "".join(f"{p:>24s}" for p in providers))
     for op in ops:
         for pass_ in PASSES:
             row = []
             for provider in providers:
-                us = measure_calls(_call(op, provider, pass_, device), device, args.calls, args.repeats)
+                python = provider == PYTHON_ROUTE
+                with python_route() if python else contextlib.nullcontext():
+                    call = _call(op, "deco-cuda" if python else provider, pass_, device)
+                    us = measure_calls(call, device, args.calls, args.repeats)
                 records.append({"op": op, "provider": provider, "pass": pass_, "us_per_call": us})
                 row.append(us)
-            print(f"{op:28s} {pass_:8s}" + "".join(f"{us:14.1f}" for us in row))
+            print(f"{op:28s} {pass_:8s}" + "".join(f"{us:24.1f}" for us in row))
     if args.out:
         document = {**environment(device), "calls": args.calls, "records": records}
         Path(args.out).write_text(json.dumps(document, indent=1))

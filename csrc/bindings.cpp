@@ -60,6 +60,31 @@ TORCH_LIBRARY_IMPL(deco_kernels_C, CUDA, m) { DECO_REGISTER_CONV_LAYERNORM_PRIMI
 
 TORCH_LIBRARY_IMPL(deco_kernels_C, CPU, m) { DECO_REGISTER_CONV_LAYERNORM_PRIMITIVES(deco::cpu) }
 
+// The "cuda" backend's eager route (deco_kernels/ops/_kernel_op.py): each op as one C++ autograd node
+// (autograd.cpp) around the primitives above. The arguments are those of the custom op deco_kernels::<op> without
+// its backend. CompositeImplicitAutograd: the same kernel records the node where autograd is on and only runs
+// the forward where it is not (no_grad, inference mode).
+TORCH_LIBRARY_FRAGMENT(deco_kernels_C, m) {
+  m.def("depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("upsample_add_conv(Tensor query, Tensor memory, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "depthwise_conv2d_layernorm(Tensor x, Tensor weight, Tensor? bias, Tensor norm_weight, Tensor norm_bias, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("adaptive_max_pool2d(Tensor x, int[2] output_size) -> (Tensor, Tensor)");
+  m.def("adaptive_avg_pool2d(Tensor x, int[2] output_size) -> Tensor");
+  m.def(
+      "scale_residual_max_pool(Tensor z, Tensor ffn, Tensor gamma, int[2] output_size) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(deco_kernels_C, CompositeImplicitAutograd, m) {
+  m.impl("depthwise_conv2d", &deco::autograd::depthwise_conv2d);
+  m.impl("upsample_add_conv", &deco::autograd::upsample_add_conv);
+  m.impl("depthwise_conv2d_layernorm", &deco::autograd::depthwise_conv2d_layernorm);
+  m.impl("adaptive_max_pool2d", &deco::autograd::adaptive_max_pool2d);
+  m.impl("adaptive_avg_pool2d", &deco::autograd::adaptive_avg_pool2d);
+  m.impl("scale_residual_max_pool", &deco::autograd::scale_residual_max_pool);
+}
+
 // The digest of the csrc/ files this module was built from (deco_kernels/_source_digest.py), defined by setup.py
 // and CMakeLists.txt: deco_kernels._cuda refuses a module built from other sources than those beside it.
 #ifndef DECO_KERNELS_SOURCE_DIGEST

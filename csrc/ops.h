@@ -98,6 +98,21 @@
   }
 
 namespace deco {
+// The ops of the "cuda" backend's eager route (autograd.cpp): forward and backward of each op as one C++ autograd
+// node around the primitives above, whichever device they run on.
+namespace autograd {
+at::Tensor depthwise_conv2d(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+at::Tensor upsample_add_conv(const at::Tensor& query, const at::Tensor& memory, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_layernorm(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps);
+std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d(const at::Tensor& x, at::IntArrayRef output_size);
+at::Tensor adaptive_avg_pool2d(const at::Tensor& x, at::IntArrayRef output_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_residual_max_pool(const at::Tensor& z, const at::Tensor& ffn,
+                                                                       const at::Tensor& gamma,
+                                                                       at::IntArrayRef output_size);
+}  // namespace autograd
 namespace cpu {
 DECO_DECLARE_PRIMITIVES
 DECO_DECLARE_CONV_LAYERNORM_PRIMITIVES

@@ -221,6 +221,15 @@ def test_host_overhead_runs_on_cpu(tmp_path, one_thread, capsys):
         host_overhead.main(["--backends", "tpu"])
 
 
+@pytest.mark.skipif(not cuda_extension_available(), reason="needs the CUDA extension (its CPU build runs here)")
+def test_host_overhead_measures_both_routes_of_the_cuda_backend(tmp_path, one_thread):
+    out = tmp_path / "host.json"
+    options = ["--backends", "cuda", "--ops", "adaptive_avg_pool2d", "--calls", "2", "--repeats", "1", "--out", str(out)]
+    assert host_overhead.main(options) == 0
+    providers = [r["provider"] for r in json.loads(out.read_text())["records"]]
+    assert providers == ["deco-cuda", "deco-cuda-python-route", "eager-nchw"] * 2
+
+
 def test_synthetic_batch_is_padded_and_valid():
     images, mask, targets = e2e.synthetic_batch(3, (40, 60), torch.device("cpu"), torch.Generator().manual_seed(0))
     assert images.shape == (3, 3, 40, 60) and mask.shape == (3, 40, 60)

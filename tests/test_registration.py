@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deco_kernels
 from deco_kernels import nn as fused_nn
-from deco_kernels.ops._kernel_op import KernelOp
+from deco_kernels.ops._kernel_op import KernelOp, python_route
 
 
 def _leaf(*shape, device, channels_last=False, grad=True):
@@ -205,3 +205,100 @@ def test_no_gradient_is_allocated_for_non_differentiable_outputs(device, backend
     # Five without it: the max pool's indices, the LayerNorm's mean and rstd, the back end's indices and picks.
     assert [event.name for event in profile.events()].count("aten::zeros") == 0
     assert query.grad is not None and memory.grad is not None
+
+
+# The "cuda" backend's targets: its eager calls take the C++ autograd route (torch.ops.deco_kernels_C.<op>).
+CUDA_TARGETS = [target for target in TARGETS if target.values[1] == "cuda"]
+
+_NATIVE_NODES = {"DepthwiseConv2dFunction", "DepthwiseConv2dLayerNormFunction", "UpsampleAddConvFunction",
+                 "AdaptiveMaxPool2dFunction", "AdaptiveAvgPool2dFunction", "ScaleResidualMaxPoolFunction"}
+
+
+def _graph_node_names(root) -> set[str]:
+    seen, names, pending = set(), set(), [root]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("device, backend", CUDA_TARGETS)
+def test_cuda_eager_route_is_one_cpp_node_per_op(device, backend, monkeypatch):
+    """Backend "cuda" in eager mode: every op records one C++ autograd node (csrc/autograd.cpp) and neither its
+    forward nor its backward runs any Python implementation, autograd.Function or custom op; within
+    python_route() the same calls take the Python autograd.Function route, with bitwise the same results."""
+    torch.manual_seed(0)
+    model = _EveryOp(4).to(device)
+    query = torch.randn(2, 4, 3, 3, device=device)
+    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        model.zero_grad()
+        q, m = query.clone().requires_grad_(), memory.clone().requires_grad_()
+        out = model(q, m)
+        out.square().sum().backward()
+        native = {name.rsplit("::", 1)[-1].rstrip(">") for name in _graph_node_names(out.grad_fn) if "deco::" in name}
+        return native, [out, q.grad, m.grad] + [p.grad for p in model.parameters()]
+
+    def fail(*args):
+        pytest.fail("an eager call of the cuda backend ran Python kernel code")
+
+    with deco_kernels.use_backend(backend):
+        with monkeypatch.context() as patched:
+            for kernel_op in _kernel_ops():
+                patched.setattr(kernel_op, "custom_op", fail)
+                patched.setattr(kernel_op, "_impl", fail)
+                patched.setattr(kernel_op, "_function", None)
+            native_nodes, native = run()
+        with python_route():
+            python_nodes, python = run()
+    assert native_nodes == _NATIVE_NODES and not python_nodes
+    assert all(t is not None for t in native)
+    for index, (expected, actual) in enumerate(zip(python, native, strict=True)):
+        assert torch.equal(actual, expected), f"output/gradient {index}: the C++ route differs from the Python route"
+
+
+@pytest.mark.parametrize("device, backend", CUDA_TARGETS)
+def test_opcheck_native_ops(device, backend):
+    """The C++ ops of the cuda eager route: schemas that tell the truth about aliasing, autograd registered."""
+    for name, op, args in _opcheck_cases(device, backend):
+        if name.endswith("_backward"):
+            continue
+        native = getattr(torch.ops.deco_kernels_C, op._opname).default
+        try:
+            torch.library.opcheck(native, args[:-1], test_utils=("test_schema", "test_autograd_registration"))
+        except Exception as error:
+            raise AssertionError(f"opcheck failed for the native {name}") from error
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward gives its input no gradient: the node before it receives an undefined one."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("route", ["eager", "custom op"])
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_an_undefined_output_gradient_gives_no_gradients(device, backend, route):
+    """A consumer whose backward returns None: each op's backward then gets None for its output (its gradients
+    are not materialised) and must give None, as the stock ops do, on every route."""
+    torch.manual_seed(0)
+    model = _EveryOp(4).to(device)
+    query = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    mode = _RecordingMode() if route == "custom op" else contextlib.nullcontext()
+    with deco_kernels.use_backend(backend), mode:
+        (_NoGradient.apply(model(query, memory)).sum() + query.sum()).backward()
+    assert torch.equal(query.grad, torch.ones_like(query))
+    assert memory.grad is None
+    assert all(parameter.grad is None for parameter in model.parameters())

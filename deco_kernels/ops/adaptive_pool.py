@@ -57,7 +57,7 @@ def _adaptive_max_pool2d_fake(x, output_size, backend):
 
 
 _adaptive_max_pool2d_op = KernelOp(
-    "deco_kernels::adaptive_max_pool2d", _adaptive_max_pool2d_impl, _adaptive_max_pool2d_fake
+    "deco_kernels::adaptive_max_pool2d", _adaptive_max_pool2d_impl, _adaptive_max_pool2d_fake, native=True
 )
 
 
@@ -128,7 +128,7 @@ def _adaptive_avg_pool2d_fake(x, output_size, backend):
 
 
 _adaptive_avg_pool2d_op = KernelOp(
-    "deco_kernels::adaptive_avg_pool2d", _adaptive_avg_pool2d_impl, _adaptive_avg_pool2d_fake
+    "deco_kernels::adaptive_avg_pool2d", _adaptive_avg_pool2d_impl, _adaptive_avg_pool2d_fake, native=True
 )
 
 

@@ -32,7 +32,9 @@ def _depthwise_conv2d_fake(x, weight, bias, backend):
     return _common.empty_output(x.shape, x)
 
 
-_depthwise_conv2d_op = KernelOp("deco_kernels::depthwise_conv2d", _depthwise_conv2d_impl, _depthwise_conv2d_fake)
+_depthwise_conv2d_op = KernelOp(
+    "deco_kernels::depthwise_conv2d", _depthwise_conv2d_impl, _depthwise_conv2d_fake, native=True
+)
 
 
 def _depthwise_conv2d_backward_impl(

@@ -51,7 +51,10 @@ def _depthwise_conv2d_layernorm_fake(x, weight, bias, norm_weight, norm_bias, ep
 
 
 _depthwise_conv2d_layernorm_op = KernelOp(
-    "deco_kernels::depthwise_conv2d_layernorm", _depthwise_conv2d_layernorm_impl, _depthwise_conv2d_layernorm_fake
+    "deco_kernels::depthwise_conv2d_layernorm",
+    _depthwise_conv2d_layernorm_impl,
+    _depthwise_conv2d_layernorm_fake,
+    native=True,
 )
 
 

@@ -56,7 +56,7 @@ def _scale_residual_max_pool_fake(z, ffn, gamma, output_size, backend):
 
 
 _scale_residual_max_pool_op = KernelOp(
-    "deco_kernels::scale_residual_max_pool", _scale_residual_max_pool_impl, _scale_residual_max_pool_fake
+    "deco_kernels::scale_residual_max_pool", _scale_residual_max_pool_impl, _scale_residual_max_pool_fake, native=True
 )
 
 

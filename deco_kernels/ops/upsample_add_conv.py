@@ -32,7 +32,9 @@ def _upsample_add_conv_fake(query, memory, weight, bias, backend):
     return _common.empty_output(memory.shape, memory)
 
 
-_upsample_add_conv_op = KernelOp("deco_kernels::upsample_add_conv", _upsample_add_conv_impl, _upsample_add_conv_fake)
+_upsample_add_conv_op = KernelOp(
+    "deco_kernels::upsample_add_conv", _upsample_add_conv_impl, _upsample_add_conv_fake, native=True
+)
 
 
 def _upsample_add_conv_backward_impl(
