@@ -91,6 +91,35 @@ def test_matches_reference_low_precision(case, dtype, layout, device, backend):
     )
 
 
+def check_parameter_gradient_dtypes(op, reference_op, activations, parameters):
+    """fp32 activations and parameters in other dtypes: math in fp32 on the parameters' values, each gradient
+    back in its argument's dtype, checked at that dtype's tolerance (float64's at float32's)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (*activations, *parameters)]
+    out = op(*leaves)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = reference_op(*leaves64)
+    expected.backward(grad_out.double())
+    assert out.dtype == torch.float32
+    assert_close(out, expected, torch.float32, "output")
+    for index, (leaf, leaf64) in enumerate(zip(leaves, leaves64)):
+        assert leaf.grad.dtype == leaf.dtype, f"argument {index}"
+        tolerance_dtype = torch.float32 if leaf.dtype == torch.float64 else leaf.dtype
+        assert_close(leaf.grad, leaf64.grad, tolerance_dtype, f"gradient of argument {index}")
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.bfloat16), (torch.float64, torch.float16)], ids=str)
+def test_parameters_in_other_dtypes_get_gradients_in_their_dtype(dtypes, device, backend):
+    x = make_input((2, 5, 9, 7), torch.float32, "channels_last", device=device)
+    weight, bias = (t.to(dtype) for t, dtype in zip(make_parameters(5, 3, 5, device), dtypes))
+    check_parameter_gradient_dtypes(
+        lambda *args: deco_kernels.depthwise_conv2d(*args, backend=backend), reference.depthwise_conv2d,
+        [x], [weight, bias],
+    )
+
+
 @pytest.mark.parametrize("tile", triton_depthwise.TILES, ids=lambda t: t.name)
 def test_every_gpu_tile(tile, monkeypatch):
     """Each GPU tile config, forced (on the GPU, or under the interpreter), over a map a bit larger than two

@@ -149,6 +149,24 @@ class _RecordingMode(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _every_op_inputs(device) -> tuple[_EveryOp, torch.Tensor, torch.Tensor]:
+    """The model, a query (2 x 4 x 3 x 3) and a channels-last memory (2 x 4 x 7 x 8), seeded."""
+    torch.manual_seed(0)
+    model = _EveryOp(4).to(device)
+    query = torch.randn(2, 4, 3, 3, device=device)
+    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last)
+    return model, query, memory
+
+
+def _forward_backward(model, query, memory) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A forward and backward from fresh leaves: (output, [output, the inputs' and the parameters' gradients])."""
+    model.zero_grad()
+    q, m = query.clone().requires_grad_(), memory.clone().requires_grad_()
+    out = model(q, m)
+    out.square().sum().backward()
+    return out, [out, q.grad, m.grad] + [p.grad for p in model.parameters()]
+
+
 def _kernel_ops() -> list[KernelOp]:
     found = []
     # By module path: the package deco_kernels.ops exports functions under some of these names.
@@ -163,17 +181,10 @@ def _kernel_ops() -> list[KernelOp]:
 def test_eager_route_skips_the_dispatcher_and_equals_the_custom_op(device, backend, monkeypatch):
     """Plain eager calls run each op's implementation through an autograd.Function; under a dispatch mode
     (as under tracing) they go through the registered custom ops. Same functions, so bitwise the same."""
-    torch.manual_seed(0)
-    model = _EveryOp(4).to(device)
-    query = torch.randn(2, 4, 3, 3, device=device)
-    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last)
+    model, query, memory = _every_op_inputs(device)
 
     def run():
-        model.zero_grad()
-        q, m = query.clone().requires_grad_(), memory.clone().requires_grad_()
-        out = model(q, m)
-        out.square().sum().backward()
-        return [out, q.grad, m.grad] + [p.grad for p in model.parameters()]
+        return _forward_backward(model, query, memory)[1]
 
     kernel_ops = _kernel_ops()
     assert len(kernel_ops) == 12  # six ops, forward and backward
@@ -231,18 +242,12 @@ def test_cuda_eager_route_is_one_cpp_node_per_op(device, backend, monkeypatch):
     """Backend "cuda" in eager mode: every op records one C++ autograd node (csrc/autograd.cpp) and neither its
     forward nor its backward runs any Python implementation, autograd.Function or custom op; within
     python_route() the same calls take the Python autograd.Function route, with bitwise the same results."""
-    torch.manual_seed(0)
-    model = _EveryOp(4).to(device)
-    query = torch.randn(2, 4, 3, 3, device=device)
-    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last)
+    model, query, memory = _every_op_inputs(device)
 
     def run():
-        model.zero_grad()
-        q, m = query.clone().requires_grad_(), memory.clone().requires_grad_()
-        out = model(q, m)
-        out.square().sum().backward()
+        out, results = _forward_backward(model, query, memory)
         native = {name.rsplit("::", 1)[-1].rstrip(">") for name in _graph_node_names(out.grad_fn) if "deco::" in name}
-        return native, [out, q.grad, m.grad] + [p.grad for p in model.parameters()]
+        return native, results
 
     def fail(*args):
         pytest.fail("an eager call of the cuda backend ran Python kernel code")

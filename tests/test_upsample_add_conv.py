@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_cases import DTYPES, KERNEL_DEVICE, LAYOUTS, TARGETS, UPSAMPLE_ADD_CONV_CASES, assert_close, make_input
-from test_depthwise_conv2d import check_op_against_reference, make_parameters
+from test_depthwise_conv2d import check_op_against_reference, check_parameter_gradient_dtypes, make_parameters
 
 import deco_kernels
 from deco_kernels import reference
@@ -60,6 +60,14 @@ def test_matches_reference_low_precision(case, dtype, layout, device, backend):
     query, memory, weight, bias = _inputs(case, dtype, layout, layout, device)
     check_op_against_reference(_op(backend), reference.upsample_add_conv, [query, memory], [weight, bias],
                                dtype, grad_layout=layout)
+
+
+@pytest.mark.parametrize("device, backend", TARGETS)
+def test_parameters_in_other_dtypes_get_gradients_in_their_dtype(device, backend):
+    query, memory, weight, bias = _inputs((2, 4, 3, 2, 7, 6, 5, 3), torch.float32, "contiguous", "contiguous", device)
+    check_parameter_gradient_dtypes(
+        _op(backend), reference.upsample_add_conv, [query, memory], [weight.to(torch.bfloat16), bias.half()]
+    )
 
 
 @pytest.mark.parametrize("tile", triton_depthwise.TILES, ids=lambda t: t.name)
