@@ -307,3 +307,18 @@ def test_an_undefined_output_gradient_gives_no_gradients(device, backend, route)
     assert torch.equal(query.grad, torch.ones_like(query))
     assert memory.grad is None
     assert all(parameter.grad is None for parameter in model.parameters())
+
+
+@pytest.mark.parametrize("route", ["eager", "custom op"])
+@pytest.mark.parametrize("device, backend", CUDA_TARGETS)
+def test_double_backward_without_a_formula_raises_on_every_route(device, backend, route):
+    """Under create_graph the C++ nodes call the registered backward op, so an op whose backward has no autograd
+    formula (the convolutions; the pools have one, tests/test_adaptive_pool.py) fails as on the custom-op route."""
+    x = torch.randn(1, 4, 6, 6, device=device, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, device=device, requires_grad=True)
+    mode = _RecordingMode() if route == "custom op" else contextlib.nullcontext()
+    with mode:
+        y = deco_kernels.depthwise_conv2d(x, weight, backend=backend)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="depthwise_conv2d_backward.* no autograd formula"):
+            torch.autograd.grad(grad_x.sum(), weight)
