@@ -14,7 +14,7 @@ import torch
 from kernel_cases import (
     DEPTHWISE_LAYERNORM_CASES, DTYPES, KERNEL_DEVICE, LAYOUTS, assert_close, case_id, make_input,
 )
-from test_depthwise_conv2d import TARGETS, check_op_against_reference
+from test_depthwise_conv2d import TARGETS, check_op_against_reference, check_parameter_gradient_dtypes
 
 import deco_kernels
 from deco_kernels import reference
@@ -134,24 +134,14 @@ def test_no_bias_and_partial_gradients(device, backend):
 
 @pytest.mark.parametrize("device, backend", TARGETS)
 def test_parameters_in_other_dtypes_get_gradients_in_their_dtype(device, backend):
-    """fp32 activations, fp16/bf16/fp64 parameters: math in fp32 on the parameters' values, each gradient back in
-    its parameter's dtype (checked at that dtype's tolerance; float64 ones at float32's)."""
+    """fp16/bf16/fp64 conv and LayerNorm parameters (see check_parameter_gradient_dtypes)."""
     x = make_input((2, 7, 6, 5), torch.float32, "channels_last", device=device)
     dtypes = (torch.float16, torch.bfloat16, torch.float64, torch.bfloat16)
     params = [p.to(dtype) for p, dtype in zip(make_parameters(7, 5, 3, device), dtypes)]
-    leaves = [t.clone().requires_grad_() for t in (x, *params)]
-    out = deco_kernels.depthwise_conv2d_layernorm(*leaves, backend=backend)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    leaves64 = [t.detach().double().requires_grad_() for t in (x, *params)]
-    expected = reference.depthwise_conv2d_layernorm(*leaves64)
-    expected.backward(grad_out.double())
-    assert out.dtype == torch.float32
-    assert_close(out, expected, torch.float32, "output")
-    for name, leaf, leaf64 in zip(("x", "weight", "bias", "norm_weight", "norm_bias"), leaves, leaves64):
-        assert leaf.grad.dtype == leaf.dtype, name
-        tolerance_dtype = torch.float32 if leaf.dtype == torch.float64 else leaf.dtype
-        assert_close(leaf.grad, leaf64.grad, tolerance_dtype, f"gradient of {name}")
+    check_parameter_gradient_dtypes(
+        lambda *args: deco_kernels.depthwise_conv2d_layernorm(*args, backend=backend),
+        reference.depthwise_conv2d_layernorm, [x], params,
+    )
 
 
 @pytest.mark.parametrize("device, backend", TARGETS)
