@@ -714,12 +714,27 @@ struct ConvDirectOp {
 // Channels-last weight and bias gradients, one thread per (tile, unit, channel): element
 // e = (tile * units + unit) * C + c, so consecutive threads take consecutive channels and each read of a warp is
 // one line of the NHWC tensors; no shared-memory staging and no NCHW copy. A thread sums its unit's taps
-// (GradWork) over every strip of kGradStrip pixels of its kGradTileHCL x kGradTileWCL tile of one image with
+// (GradWork) over every strip of kGradStrip pixels of its tile (up to kGradTileHCL x kGradTileWCL) of one image with
 // the NCHW threads' register window (weight_grad_strip), reading through the cache. Each (tile, channel, tap)
 // has one owner, so its partial is written, not reduced; unit 0 also sums grad y (the bias).
 constexpr int kGradTileHCL = 16;
 constexpr int kGradTileWCL = 32;
 static_assert(kGradTileWCL % kGradStrip == 0, "strips must not cross channels-last tiles");
+
+// With one thread per (tile, unit, channel), a small batch or map leaves a large GPU idle (DECO-R18's CIM at
+// batch 2: 8 tiles of 16 x 32, 35k threads, 272 us per call on an H100). Tiles get fewer rows (halved down to
+// kGradTileMinHCL) until the pass has kGradMinThreadsCL threads. The choice depends on the shape alone, so the
+// order of the sums, and with it the result, is the same on every device.
+constexpr int kGradTileMinHCL = 2;
+constexpr int64_t kGradMinThreadsCL = int64_t{1} << 17;
+
+DECO_HD GradTiling channels_last_grad_tiling(const ConvShape& s) {
+  const int64_t threads_per_tile = static_cast<int64_t>(make_grad_work(s).units) * s.channels;
+  GradTiling g = make_grad_tiling(s, kGradTileHCL, kGradTileWCL);
+  while (g.tile_h > kGradTileMinHCL && g.tiles * threads_per_tile < kGradMinThreadsCL)
+    g = make_grad_tiling(s, g.tile_h / 2, kGradTileWCL);
+  return g;
+}
 
 // A strip's inputs read straight from a reader (DirectReader or InteriorReader): tap row `row`, from column
 // col0. The reader is held by value: a reference would give it an address, and ptxas then kept it on the stack.
@@ -755,7 +770,7 @@ struct WeightGradDirectOp {
   // 64-85): with no minimum ptxas held the upsampled source's variant to 64 registers and spilled.
   static constexpr int kMinBlocksPerSM = 2;
   ConvShape s;
-  GradTiling tiling;  // kGradTileHCL x kGradTileWCL tiles
+  GradTiling tiling;  // channels_last_grad_tiling's
   GradWork work;
   Source in;
   TensorSource<T> grad_out;
@@ -817,6 +832,24 @@ struct WeightGradReduceOp {
       grad_weight[static_cast<int64_t>(c) * taps + t] = total;
     else
       grad_bias[c] = total;
+  }
+};
+
+// Element e of a channels-last B x H x W x C map (c fastest): upsample_nearest(query) + memory stored as fp32,
+// the input of upsample_add_conv's channels-last conv passes. Those read each input about 2 * kh times straight
+// from the source; from UpsampleSumSource each read redoes the nearest-index arithmetic and loads two tensors
+// (the channels-last CIM front took 2-3x the NCHW one's time on an H100), from this map it is one load. The
+// stored value is the fp32 sum the source returns, so the conv sums are bitwise the same.
+template <typename T>
+struct UpsampleSumStoreOp {
+  ConvShape s;  // the memory's shape
+  UpsampleSumSource<T> sum;
+  float* out;
+  DECO_HD int64_t size() const { return static_cast<int64_t>(s.batch) * s.channels * s.height * s.width; }
+  DECO_HD void operator()(int64_t e) const {
+    int b, c, y, x;
+    unflatten(e, s.channels, s.height, s.width, true, b, c, y, x);
+    out[e] = sum(b, c, y, x);
   }
 };
 
@@ -1014,6 +1047,12 @@ constexpr int kLayerNormMaxChannels = 2048;
 constexpr int kLayerNormThreads = 256;
 constexpr int kLayerNormTileElements = 4096;  // 16 KB of fp32 per tile buffer; >= kLayerNormMaxChannels
 constexpr int kLayerNormMaxPixels = 32;
+// A small batch of small maps gives few tiles (the SIM's 10 x 10 maps at batch 2: 25 tiles of 8 pixels, blocks
+// for a fifth of an H100's SMs): tiles then get fewer pixels (halved, down to kLayerNormMinPixels) until there
+// are kLayerNormMinTiles. The choice depends on the shape alone, so the norm-parameter sums' order, and with it
+// the result, is the same on every device.
+constexpr int kLayerNormMinTiles = 256;
+constexpr int kLayerNormMinPixels = 2;
 // Conv outputs per thread in pass 1: a row of kh x kw taps costs kLayerNormStrip + kw - 1 reads, not
 // kLayerNormStrip * kw: (8 + 8 + 9) / 72 = 0.35 reads per FMA at 9 x 9, where strips of 4 read 0.58 (pass 1 is
 // bound by L1 reads, one per clock against four warp FMAs). At C = 480 a tile is 8 pixels, one strip a channel.
@@ -1022,7 +1061,8 @@ constexpr int kLayerNormStrip = 8;
 // Tiles are numbered with ints (the host checks that they fit): a 64-bit division is a subroutine call on
 // the GPU, whose register saves put loop invariants on the stack.
 struct LayerNormTiling {
-  int pixels;           // pixels per tile: as many as fit kLayerNormTileElements, at most kLayerNormMaxPixels
+  int pixels;           // pixels per tile: as many as fit kLayerNormTileElements, at most kLayerNormMaxPixels,
+                        // fewer where that leaves fewer than kLayerNormMinTiles tiles
   int tiles_per_image;  // tiles of one image's H * W pixels
   int64_t tiles;        // B * tiles_per_image, one block each
   int image_pixels;     // H * W
@@ -1039,11 +1079,18 @@ struct LayerNormTiling {
   }
 };
 
+DECO_HD int layer_norm_tiles_per_image(const ConvShape& s, int pixels) {
+  return (s.height * s.width + pixels - 1) / pixels;
+}
+
 DECO_HD LayerNormTiling make_layer_norm_tiling(const ConvShape& s) {
   LayerNormTiling t;
   const int fit = kLayerNormTileElements / s.channels;
   t.pixels = fit < kLayerNormMaxPixels ? fit : kLayerNormMaxPixels;
-  t.tiles_per_image = (s.height * s.width + t.pixels - 1) / t.pixels;
+  while (t.pixels > kLayerNormMinPixels &&
+         static_cast<int64_t>(s.batch) * layer_norm_tiles_per_image(s, t.pixels) < kLayerNormMinTiles)
+    t.pixels = t.pixels / 2 > kLayerNormMinPixels ? t.pixels / 2 : kLayerNormMinPixels;
+  t.tiles_per_image = layer_norm_tiles_per_image(s, t.pixels);
   t.tiles = static_cast<int64_t>(s.batch) * t.tiles_per_image;
   t.image_pixels = s.height * s.width;
   t.strips = (t.pixels + kLayerNormStrip - 1) / kLayerNormStrip;

@@ -13,8 +13,9 @@
 //   a thread owns a tap row (or a chunk of it) and strips of 8 pixels, sliding a register window of inputs
 //   along the row; the threads' sums are added in a fixed order per tile, then over tiles: deterministic,
 //   no atomics. Channels-last: the same per-thread work with consecutive threads on consecutive channels,
-//   read through the cache (16 x 32 tiles, one thread per tile, tap chunk and channel; nothing to reduce
-//   within a tile).
+//   read through the cache (tiles of 16 x 32, fewer rows where the pass would have too few threads; one
+//   thread per tile, tap chunk and channel, so nothing to reduce within a tile). The CIM's channels-last passes
+//   read a stored fp32 sum of the upsampled query and the memory, made by one element-wise pass.
 // - Pools and the query gradient: one thread per output element; the avg pool backward is a gather, the max
 //   pool backward passes one thread per window on a zero-filled gradient (adaptive_max_routed_grad).
 // - CIM back end (max pool of z + gamma * ffn, B x H x W x C): one thread per pooled element, c fastest so a

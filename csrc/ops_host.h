@@ -175,8 +175,8 @@ struct Ops {
       return {grad_weight, grad_bias};
     }
     if (s.channels == 0) return {grad_weight, grad_bias};
-    const GradTiling tiling = channels_last ? make_grad_tiling(s, kGradTileHCL, kGradTileWCL)
-                                            : make_grad_tiling(s, kGradTileH, kGradTileW);
+    const GradTiling tiling =
+        channels_last ? channels_last_grad_tiling(s) : make_grad_tiling(s, kGradTileH, kGradTileW);
     const int taps = s.kh * s.kw;
     TORCH_CHECK(static_cast<int64_t>(s.channels) * tiling.tiles <= INT_MAX,
                 "too many (channel, tile) blocks for the weight gradient: ", s.channels, " x ", tiling.tiles);
@@ -248,6 +248,15 @@ struct Ops {
                                 static_cast<int>(memory.size(3))};
   }
 
+  // The channels-last passes' input: upsample_nearest(query) + memory, B x C x H x W channels-last fp32
+  // (UpsampleSumStoreOp).
+  template <typename T>
+  static at::Tensor stored_upsample_sum(const ConvShape& s, const UpsampleSumSource<T>& sum, const at::Tensor& memory) {
+    at::Tensor stored = at::empty(memory.sizes(), memory.options().dtype(at::kFloat).memory_format(memory_format(true)));
+    Backend::for_each(UpsampleSumStoreOp<T>{s, sum, stored.data_ptr<float>()});
+    return stored;
+  }
+
   static void check_query(const at::Tensor& query, const at::Tensor& memory) {
     check_activation(query, "query", memory, "memory");
     TORCH_CHECK(query.size(0) == memory.size(0) && query.size(1) == memory.size(1),
@@ -271,7 +280,11 @@ struct Ops {
     const ConvShape s = conv_shape(mc, w);
     DECO_DISPATCH_FLOATING(memory.scalar_type(), "upsample_add_conv_forward", [&] {
       const UpsampleSumSource<scalar_t> sum = upsample_sum<scalar_t>(qc, mc, cl);
-      conv<scalar_t>(s, cl, sum, w, false, UpsampleResidualEpilogue<scalar_t>{bias_data(b), sum}, y);
+      const UpsampleResidualEpilogue<scalar_t> epilogue{bias_data(b), sum};
+      if (cl)
+        conv<scalar_t>(s, cl, source_of<float>(stored_upsample_sum(s, sum, mc), cl), w, false, epilogue, y);
+      else
+        conv<scalar_t>(s, cl, sum, w, false, epilogue, y);
     });
     return y;
   }
@@ -304,8 +317,12 @@ struct Ops {
                                                   source_of<scalar_t>(grad_sum, cl), gy, grad_query.data_ptr<scalar_t>(),
                                                   layout_of(qc, cl)});
       }
-      if (output_mask[2] || output_mask[3])
-        std::tie(grad_weight, grad_bias) = weight_grad<scalar_t>(s, cl, upsample_sum<scalar_t>(qc, mc, cl), gy, mc);
+      if (output_mask[2] || output_mask[3]) {
+        const UpsampleSumSource<scalar_t> sum = upsample_sum<scalar_t>(qc, mc, cl);
+        std::tie(grad_weight, grad_bias) =
+            cl ? weight_grad<scalar_t>(s, cl, source_of<float>(stored_upsample_sum(s, sum, mc), cl), gy, mc)
+               : weight_grad<scalar_t>(s, cl, sum, gy, mc);
+      }
     });
     return {grad_query, output_mask[1] ? grad_sum : at::Tensor(), output_mask[2] ? grad_weight : at::Tensor(),
             output_mask[3] ? grad_bias : at::Tensor()};

@@ -53,10 +53,10 @@ DEPTHWISE_CASES = [
 
 # (B, C, H, W, kh, kw) of depthwise_conv2d_layernorm (the LayerNorm runs over C): C of 1 (the output is the
 # norm bias), C not a power of two, maps smaller than the kernel, H or W of 1, a rectangular kernel, DECO's
-# 10 x 10 query grid with the SIM's 9 x 9, and wide C (the CUDA kernel's tiles of 8 and of 3 pixels). The CUDA
-# kernel's register-window strips of 8 pixels cross image rows (up to three rows, with lone pixels, where W < 8),
-# end short, or run past the image's end; on a 12 x 40 map most strips lie inside the image (unchecked reads), and
-# on 20 x 70 so do some of the channels-last weight gradient's 16 x 32 tiles.
+# 10 x 10 query grid with the SIM's 9 x 9, and wide C. These are small, so the CUDA kernel gives them its
+# smallest tiles (2 pixels; see DEPTHWISE_LAYERNORM_TILE_CASES for the others); its strips cross image rows
+# (H or W of 1, W < tile), end short or run past the image's end; on a 12 x 40 map most strips lie inside the
+# image (unchecked reads), and on 20 x 70 so do some of the channels-last weight gradient's tiles.
 DEPTHWISE_LAYERNORM_CASES = [
     (1, 1, 5, 5, 3, 3),
     (3, 5, 7, 9, 3, 3),
@@ -70,6 +70,17 @@ DEPTHWISE_LAYERNORM_CASES = [
     (1, 1100, 3, 4, 3, 3),
     (2, 24, 12, 40, 7, 7),
     (1, 8, 20, 70, 7, 7),
+]
+
+# depthwise_conv2d_layernorm cases big enough for the CUDA kernel's larger tiles (it halves a tile's pixels, from
+# as many as fit its buffer, at most 32, down to 2, while a launch would have fewer than 256 tiles): 32 pixels
+# whose register-window strips of 8 cross up to three rows of a 5-wide map (lone pixels included); 16 pixels on
+# a 64 x 70 map (mostly unchecked reads); 8 pixels at C 480 (DECO's encoder and decoder width); 3 pixels at C 1100.
+DEPTHWISE_LAYERNORM_TILE_CASES = [
+    (16, 5, 110, 5, 5, 3),
+    (1, 100, 64, 70, 7, 7),
+    (2, 480, 32, 33, 7, 7),
+    (1, 1100, 24, 32, 3, 3),
 ]
 
 # (B, C, Hq, Wq, H, W, kh, kw): query grid upsampled (or, when smaller, downsampled) to the memory's H x W.

@@ -19,6 +19,7 @@ from tests.kernel_cases import (
     ADAPTIVE_POOL_CASES,
     DEPTHWISE_CASES,
     DEPTHWISE_LAYERNORM_CASES,
+    DEPTHWISE_LAYERNORM_TILE_CASES,
     DTYPES,
     LAYOUTS,
     TOLERANCE,
@@ -161,6 +162,25 @@ def test_weight_grads_are_deterministic(layout, device):
         assert torch.equal(a, b)
 
 
+# Channels-last weight-gradient tiles lose rows (16 -> 8 -> 4 -> 2) until the pass has 2^17 threads (one per
+# tile, tap unit and channel; a 31 x 1 kernel has 31 units). On 1 x C x 20 x 40 that gives 16-row tiles at C 1100
+# (4 tiles), 8-row ones at C 800 (6 tiles) and 4-row ones at C 500 (10 tiles); the small cases above get 2-row ones.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [1100, 800, 500])
+def test_channels_last_weight_grad_with_every_tile_height(channels, device):
+    x, grad_y = (make_input((1, channels, 20, 40), torch.float32, "channels_last", device) for _ in range(2))
+    weight, bias = _parameters(channels, 31, 1, device)
+    _, (_, gw_ref, gb_ref) = _reference_grads(reference.depthwise_conv2d, (x, weight, bias), grad_y)
+    _, grad_weight, grad_bias = _cuda.depthwise_conv2d_backward(grad_y, x, weight, [False, True, True])
+    assert_close(grad_weight, gw_ref, torch.float32, "grad_weight")
+    assert_close(grad_bias, gb_ref, torch.float32, "grad_bias")
+    query = make_input((1, channels, 10, 10), torch.float32, "channels_last", device)
+    _, (_, _, gw_ref, gb_ref) = _reference_grads(reference.upsample_add_conv, (query, x, weight, bias), grad_y)
+    _, _, grad_weight, grad_bias = _cuda.upsample_add_conv_backward(grad_y, query, x, weight, [False, False, True, True])
+    assert_close(grad_weight, gw_ref, torch.float32, "grad_weight of upsample_add_conv")
+    assert_close(grad_bias, gb_ref, torch.float32, "grad_bias of upsample_add_conv")
+
+
 def _activation_copies(run, shape) -> list[str]:
     """The copy ops ``run()`` makes of a tensor of ``shape`` (as the profiler records them inside the primitives)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
@@ -289,7 +309,12 @@ def _check_layernorm(x, params, grad_out, dtype, layout="contiguous", what=""):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case, dtype, layout", _cases(DEPTHWISE_LAYERNORM_CASES, LAYERNORM_LOW_PRECISION))
+@pytest.mark.parametrize(
+    "case, dtype, layout",
+    _cases(DEPTHWISE_LAYERNORM_CASES, LAYERNORM_LOW_PRECISION)
+    + [pytest.param(case, torch.float32, layout, id=f"{case}-tiles-{layout}")
+       for case in DEPTHWISE_LAYERNORM_TILE_CASES for layout in ("contiguous", "channels_last")],
+)
 def test_depthwise_conv2d_layernorm_matches_reference(case, dtype, layout, device):
     b, c, h, w, kh, kw = case
     x = make_input((b, c, h, w), dtype, layout, device)
@@ -299,11 +324,11 @@ def test_depthwise_conv2d_layernorm_matches_reference(case, dtype, layout, devic
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels", [600, 2048])
-def test_depthwise_conv2d_layernorm_wide_channels(channels, device):
+@pytest.mark.parametrize("channels, height, width", [(600, 25, 31), (2048, 3, 5)])
+def test_depthwise_conv2d_layernorm_wide_channels(channels, height, width, device):
     """Tiles of 6 and 2 pixels (as many as fit the block's buffer): several per image, crossing rows."""
-    x = make_input((2, channels, 3, 5), torch.float32, "channels_last", device)
-    grad_out = torch.randn(2, 3, 5, channels, device=device)
+    x = make_input((2, channels, height, width), torch.float32, "channels_last", device)
+    grad_out = torch.randn(2, height, width, channels, device=device)
     _check_layernorm(x, _layernorm_parameters(channels, 3, 3, device), grad_out, torch.float32, "channels_last")
 
 
