@@ -168,7 +168,7 @@ def evaluate(records: list[dict]) -> list[Outcome]:
         1.5,
         r18_train,
         STOCK_PROVIDERS,
-        {"fused (eager or compiled, NCHW or channels-last)": FUSED_MODEL_PROVIDERS},
+        {"fused (eager, compiled or graphed; NCHW or channels-last)": FUSED_MODEL_PROVIDERS},
     )
     # DECO-R50 against DETR-R50 (its best provider): different models, so rows are matched on batch, image
     # size, dtype and pass.

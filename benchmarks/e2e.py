@@ -11,8 +11,10 @@ One command runs everything (``python -m benchmarks.e2e --out results.json``):
 
 Providers: ``stock-eager`` / ``fused-eager`` (``build_deco(kernels="stock"|"fused")``), ``stock-compile`` /
 ``fused-compile`` (``torch.compile`` of the model; the loss and matcher stay eager, as the matcher runs SciPy),
-``stock-cudagraph`` / ``fused-cudagraph`` (inference only, GPU only: the forward captured once in a CUDA graph
-and replayed), and ``eager`` / ``compile`` / ``cudagraph`` for DETR-R50. Each also with ``-cl``: the model
+``stock-cudagraph`` / ``fused-cudagraph`` (GPU only; inference: the forward captured once in a CUDA graph and
+replayed; training: the model's forward and backward captured once each by ``torch.cuda.make_graphed_callables``
+and replayed, while the matching and loss, the clip and the optimizer step run eagerly, since the matcher works on
+the host), and ``eager`` / ``compile`` / ``cudagraph`` for DETR-R50. Each also with ``-cl``: the model
 converted to channels-last (``model.to(memory_format=torch.channels_last)``, as ``deco train --channels-last``
 does), so every activation from the first conv on is NHWC. dtypes: ``float32``, or ``bfloat16`` = the model
 under ``torch.autocast(bfloat16)``.
@@ -37,7 +39,15 @@ from benchmarks.cases import comma_list
 from benchmarks.results import ResultsFile, environment
 from benchmarks.timing import capture_graph, measure
 
-__all__ = ["MODELS", "STEP_PHASES", "build_model", "build_train_step", "main", "synthetic_batch"]
+__all__ = [
+    "MODELS",
+    "STEP_PHASES",
+    "build_model",
+    "build_train_step",
+    "graphed_training_runner",
+    "main",
+    "synthetic_batch",
+]
 
 log = logging.getLogger("benchmarks.e2e")
 
@@ -125,6 +135,24 @@ def _graphed_inference(model: torch.nn.Module, images: torch.Tensor, mask: torch
         return capture_graph(lambda: model(images, mask), device, warmup_runs=3)
 
 
+def graphed_training_runner(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> Callable:
+    """The model (in training mode) for a training step whose forward and backward replay CUDA graphs: on the first
+    call ``torch.cuda.make_graphed_callables`` warms them up and captures each once for these inputs (under the
+    caller's autocast, which must not cache: its weight cache cannot outlive a capture). The loss, its matching
+    and the optimizer run eagerly on the replayed outputs and gradients; the batch's shape is fixed, as graphs
+    need."""
+    graphed = None
+
+    def run(images_: torch.Tensor, mask_: torch.Tensor):
+        nonlocal graphed
+        if graphed is None:
+            # A parameter no loss term reaches (none in DECO or DETR today) gets no gradient, not an error.
+            graphed = torch.cuda.make_graphed_callables(model, (images, mask), allow_unused_input=True)
+        return graphed(images_, mask_)
+
+    return run
+
+
 def _peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -202,8 +230,14 @@ def build_step(
     images, mask, targets = synthetic_batch(batch, tuple(args.image_size), device, generator)
 
     if pass_ == "train_step":
+        graphed = runner_kind == "cudagraph"
         train_step = build_train_step(
-            model_key, model, runner, (images, mask, targets), device, autocast=lambda: _autocast(dtype, device)
+            model_key,
+            model,
+            graphed_training_runner(model, images, mask) if graphed else runner,
+            (images, mask, targets),
+            device,
+            autocast=lambda: _autocast(dtype, device, cache_enabled=not graphed),
         )
 
         def step(_):
@@ -342,9 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("skipping %s %s (--skip-compile-for)", model_key, provider)
             continue
         for pass_ in passes:
-            if runner == "cudagraph" and (pass_ != "infer" or device.type != "cuda"):
-                # A training step cannot be one graph (the matcher runs on the host); graphs need a GPU.
-                log.info("skipping %s %s %s (CUDA graphs: inference on a GPU only)", model_key, provider, pass_)
+            if runner == "cudagraph" and device.type != "cuda":
+                log.info("skipping %s %s %s (CUDA graphs need a GPU)", model_key, provider, pass_)
                 continue
             for dtype in dtypes:
                 if results.measured(_row(model_key, provider, dtype, pass_, args)):

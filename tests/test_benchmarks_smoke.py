@@ -187,6 +187,39 @@ def test_end_to_end_benchmark_runs_on_cpu(tmp_path, one_thread):
         assert set(fused["speedup"]) == {"stock-eager"}
 
 
+def test_graphed_providers_are_skipped_without_a_gpu(tmp_path, caplog):
+    out = tmp_path / "e2e.json"
+    argv = ["--out", str(out), "--smoke", "--models", "deco-r18", "--providers", "fused-cudagraph", "--runs", "1"]
+    with caplog.at_level("INFO", logger="benchmarks.e2e"):
+        assert e2e.main([*argv, "--image-size", "64", "64", "--warmup", "0", "--rep-ms", "0"]) == 0
+    for pass_ in ("train_step", "infer"):
+        assert f"skipping deco-r18 fused-cudagraph {pass_} (CUDA graphs need a GPU)" in caplog.text
+    assert load(out)["records"] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kernels", ["stock", "fused"])
+def test_cuda_graphed_training_steps_train_as_eager_ones(kernels):
+    """Two training steps whose model forward and backward replay CUDA graphs (the cudagraph providers) leave the
+    parameters where two eager steps from the same start leave them, and change them."""
+    device = torch.device("cuda")
+    images, mask, targets = e2e.synthetic_batch(2, (64, 96), device, torch.Generator().manual_seed(0))
+    trained = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = e2e.build_model("deco-r18", f"{kernels}-eager", tiny=True).to(device)
+        start = {name: p.detach().clone() for name, p in model.named_parameters()}
+        runner = e2e.graphed_training_runner(model, images, mask) if graphed else model
+        step = e2e.build_train_step("deco-r18", model, runner, (images, mask, targets), device)
+        step()
+        step()
+        torch.cuda.synchronize()
+        trained[graphed] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert any(not torch.equal(start[name], p) for name, p in trained[False].items())
+    for name, p in trained[False].items():
+        torch.testing.assert_close(trained[True][name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_end_to_end_benchmark_resumes(tmp_path, one_thread, caplog):
     out = tmp_path / "e2e.json"
     common = ["--out", str(out), "--resume", "--smoke", "--models", "deco-r18", "--passes", "infer"]
