@@ -3,8 +3,12 @@ speed-ups between providers, merging and validation.
 
 A results file is a JSON object::
 
-    {"device": str, "torch": str, "triton": str | null, "date": "YYYY-MM-DD", "command": str,
+    {"device": str, "torch": str, "triton": str | null, "date": "YYYY-MM-DD", "command": str, "code": str,
      "copy_gb_per_s": float | null, "peak_fp32_tflops": float | null, "records": [record, ...]}
+
+``code`` is :func:`code_digest` of the measured sources (files written before it existed lack it): a file is
+only continued, and files are only merged, where it is the same, so no table mixes rows of two versions of the
+kernels or the model.
 
 A microbenchmark record has ``op``, ``group``, ``provider``, ``shape`` (dict), ``dtype``, ``pass`` (fwd, bwd,
 fwd+bwd), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``gb_per_s``, ``gflop_per_s``, ``roofline_pct``,
@@ -27,6 +31,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from deco_kernels._source_digest import files_digest
 
 __all__ = [
     "LAUNCHES",
@@ -77,7 +83,18 @@ _E2E_FIELDS = {
     "speedup": dict,
 }
 # A resumed file only takes records of the run it was started by: the same device and software.
-_SAME_RUN_FIELDS = ("device", "torch", "triton")
+_SAME_RUN_FIELDS = ("device", "torch", "triton", "code")
+# What a run measures: the kernels (CUDA and Triton), the model, its loss and optimizer.
+MEASURED_SOURCES = ("csrc", "deco_kernels", "deco")
+_SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".h")
+
+
+def code_digest() -> str:
+    """The first 12 hex digits of :func:`files_digest` of the sources under :data:`MEASURED_SOURCES` (by path
+    within the repository)."""
+    root = Path(__file__).resolve().parents[1]
+    paths = [path for top in MEASURED_SOURCES for path in (root / top).rglob("*") if path.suffix in _SOURCE_SUFFIXES]
+    return files_digest(paths, lambda path: path.relative_to(root).as_posix())[:12]
 _TOP_FIELDS = {
     "device": str,
     "torch": str,
@@ -103,6 +120,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "code": code_digest(),
     }
 
 
@@ -156,10 +174,10 @@ class ResultsFile:
         if resume and self.path.exists():
             previous = load(self.path)
             for field in _SAME_RUN_FIELDS:
-                if previous[field] != self.header[field]:
+                if previous.get(field) != self.header.get(field):
                     raise ValueError(
-                        f"{self.path}: cannot resume: its {field} is {previous[field]!r}, this run's is "
-                        f"{self.header[field]!r}; write to another file"
+                        f"{self.path}: cannot resume: its {field} is {previous.get(field)!r}, this run's is "
+                        f"{self.header.get(field)!r}; write to another file"
                     )
             commands = previous["command"].split(" ; ")
             if self.header["command"] not in commands:
@@ -205,6 +223,8 @@ def validate(document: dict) -> None:
     if not isinstance(document, dict):
         raise ValueError(f"results: expected a JSON object, got {type(document).__name__}")
     _check_fields("results", document, _TOP_FIELDS)
+    if not isinstance(document.get("code", ""), str):
+        raise ValueError(f"results: field 'code' must be a string, got {document['code']!r}")
     try:
         datetime.date.fromisoformat(document["date"])
     except ValueError as error:
@@ -249,6 +269,9 @@ def merge(documents: list[dict]) -> dict:
     devices = {d["device"] for d in documents}
     if len(devices) != 1:
         raise ValueError(f"merge: results come from different devices {sorted(devices)}; compare within one device")
+    codes = {d.get("code") for d in documents}
+    if len(codes) != 1:
+        raise ValueError(f"merge: results measured different sources (code {sorted(map(str, codes))}); re-measure")
     merged = {key: value for key, value in documents[0].items() if key != "records"}
     merged["command"] = " ; ".join(d["command"] for d in documents)
     merged["records"] = [record for d in documents for record in d["records"]]

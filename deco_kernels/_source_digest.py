@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 SOURCE_PATTERNS = ("*.cpp", "*.cu", "*.h")
 
 
-def source_digest(csrc: Path) -> str:
-    """SHA-256 of the lines ``"<name> <SHA-256 of the file's bytes>"`` of csrc's sources, sorted by name."""
-    paths = sorted({path for pattern in SOURCE_PATTERNS for path in Path(csrc).glob(pattern)}, key=lambda p: p.name)
-    listing = "".join(f"{path.name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n" for path in paths)
+def files_digest(paths: Iterable[Path], name: Callable[[Path], str]) -> str:
+    """SHA-256 of the lines ``"<name(path)> <SHA-256 of the file's bytes>"`` of ``paths``, sorted by name."""
+    listing = "".join(
+        f"{name(path)} {hashlib.sha256(path.read_bytes()).hexdigest()}\n" for path in sorted(paths, key=name)
+    )
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def source_digest(csrc: Path) -> str:
+    """:func:`files_digest` of csrc's sources, named by file name."""
+    return files_digest({path for pattern in SOURCE_PATTERNS for path in Path(csrc).glob(pattern)}, lambda p: p.name)
 
 
 if __name__ == "__main__":

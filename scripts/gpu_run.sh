@@ -24,7 +24,8 @@
 # The benchmarks write their JSON after every measurement and measure the rows the speed targets need first, so
 # a step cut off keeps what matters. Results accumulate across calls: copy the JSON files a call brought back
 # into .gpu-run/ (git-ignored) and name `.gpu-run` in the next call's carry; the next bench / e2e / autotune
-# step then continues those files (same GPU, torch and triton) and measures only the rows they lack.
+# step then continues those files (same GPU, torch, triton and measured sources) and measures only the rows they
+# lack.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
 # e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, demo.log, demo-<gpu>.json;
@@ -48,8 +49,15 @@ GPU="$(echo "${gpu_name:-nogpu}" | sed -e 's/^NVIDIA //' | awk '{print tolower($
 MICRO_JSON=$OUT/micro-$GPU.json
 E2E_JSON=$OUT/e2e-$GPU.json
 CARRIED=${GPU_RUN_CARRIED:-.gpu-run}
+# A file measured with other sources (another version of the kernels or the model) is not continued: its rows
+# would be skipped, not re-measured. The step starts a new file instead.
 for f in "$CARRIED/micro-$GPU.json" "$CARRIED/e2e-$GPU.json"; do
-    [[ -s $f && ! -e $OUT/${f##*/} ]] && cp "$f" "$OUT/" && echo "continuing $f"
+    [[ -s $f && ! -e $OUT/${f##*/} ]] || continue
+    if python -c 'import sys; from benchmarks.results import code_digest, load; sys.exit(load(sys.argv[1]).get("code") != code_digest())' "$f"; then
+        cp "$f" "$OUT/" && echo "continuing $f"
+    else
+        echo "not continuing $f: measured with other sources (its code digest differs from this checkout's)"
+    fi
 done
 
 # Seconds left for a step: the smaller of its own cap and what remains of the budget (minus 15 s of margin).

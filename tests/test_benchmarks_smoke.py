@@ -18,7 +18,15 @@ from benchmarks.cases import OPS, cases  # noqa: E402
 from benchmarks.check_targets import evaluate  # noqa: E402
 from benchmarks.report import headline_table, render  # noqa: E402
 from benchmarks.microbench import BenchEnv, graph_unavailable, run_record  # noqa: E402
-from benchmarks.results import ResultsFile, add_speedups, load, merge, validate  # noqa: E402
+from benchmarks.results import (  # noqa: E402
+    ResultsFile,
+    add_speedups,
+    code_digest,
+    environment,
+    load,
+    merge,
+    validate,
+)
 from benchmarks.timing import measure  # noqa: E402
 from deco_kernels import depthwise_conv2d  # noqa: E402
 from deco_kernels.backend import cuda_extension_available  # noqa: E402
@@ -114,7 +122,8 @@ def test_microbenchmarks_measure_target_rows_first():
 
 def test_results_file_resume(tmp_path):
     path = tmp_path / "r.json"
-    header = {"device": "gpu", "torch": "2.11", "triton": "3.6", "date": "2026-01-01", "command": "first"}
+    header = {"device": "gpu", "torch": "2.11", "triton": "3.6", "date": "2026-01-01", "command": "first",
+              "code": "aaaaaaaaaaaa"}
     first = ResultsFile(path, header, ("eager-nchw",))
     first.add(_micro("eager-nchw", 2.0))
     fresh = ResultsFile(path, {**header, "date": "2026-01-02", "command": "second"}, ("eager-nchw",))
@@ -128,6 +137,16 @@ def test_results_file_resume(tmp_path):
     assert document["records"][1]["speedup"] == {"eager-nchw": 4.0}
     with pytest.raises(ValueError, match="cannot resume: its triton is '3.6', this run's is '3.8'"):
         ResultsFile(path, {**header, "triton": "3.8"}, ("eager-nchw",), resume=True)
+    # Other kernels or model code: the rows would be stale, so the file is not continued, nor merged with.
+    with pytest.raises(ValueError, match="cannot resume: its code is 'aaaaaaaaaaaa', this run's is 'bbbbbbbbbbbb'"):
+        ResultsFile(path, {**header, "code": "bbbbbbbbbbbb"}, ("eager-nchw",), resume=True)
+    with pytest.raises(ValueError, match="merge: results measured different sources"):
+        merge([document, {**document, "code": "bbbbbbbbbbbb"}])
+
+
+def test_results_record_the_measured_sources():
+    header = environment(torch.device("cpu"))
+    assert header["code"] == code_digest() and len(header["code"]) == 12
 
 
 @pytest.fixture

@@ -72,6 +72,15 @@ def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
     e2e = json.loads((second_out / f"e2e-{gpu}.json").read_text())["records"]
     assert [(r["model"], r["provider"], r["pass"]) for r in e2e] == [("DECO-R18", "stock-eager", "infer")]
 
+    # A carried file measured with other sources is left alone: the step starts a new one.
+    stale = json.loads((second_out / f"micro-{gpu}.json").read_text())
+    (carried / f"micro-{gpu}.json").write_text(json.dumps({**stale, "code": "0123456789ab"}))
+    third_out = tmp_path / "third"
+    log = _gpu_run(third_out, carried, "bench", providers="eager-cl")
+    assert f"not continuing {carried}/micro-{gpu}.json: measured with other sources" in log
+    third = json.loads((third_out / f"micro-{gpu}.json").read_text())
+    assert third["code"] == stale["code"] and {r["provider"] for r in third["records"]} == {"eager-cl"}
+
 
 def test_profile_step_writes_breakdowns_and_traces(tmp_path):
     log = _gpu_run(tmp_path, tmp_path / "none", "profile", providers="eager-nchw")
