@@ -146,26 +146,68 @@ inline LaidOutWeights lay_out_weights(const at::Tensor& weight, bool channel_lan
 template <class Backend>
 struct Ops {
   // One convolution pass over `s` (with `flip`, the kernel rotated by 180 degrees: the grad input's): the
-  // channels-last path runs the element-wise direct kernel, NCHW the shared-memory tiled one.
+  // channels-last path runs the element-wise direct kernel, NCHW the shared-memory tiled one. A caller whose
+  // source exists in one layout only calls that layout's pass, so that no kernel is built for the other.
   template <typename T, class Source, class Epilogue>
   static void conv(const ConvShape& s, bool channels_last, const Source& in, const at::Tensor& weight, bool flip,
                    const Epilogue& epilogue, const at::Tensor& out) {
+    if (channels_last)
+      conv_channels_last<T>(s, in, weight, flip, epilogue, out);
+    else
+      conv_nchw<T>(s, in, weight, flip, epilogue, out);
+  }
+
+  template <typename T, class Source, class Epilogue>
+  static void conv_channels_last(const ConvShape& s, const Source& in, const at::Tensor& weight, bool flip,
+                                 const Epilogue& epilogue, const at::Tensor& out) {
     if (out.numel() == 0) return;
-    const Layout layout = layout_of(out, channels_last);
-    const LaidOutWeights w = lay_out_weights(weight, channels_last, flip);
-    if (channels_last) {
-      Backend::for_each(ConvDirectOp<T, Source, Epilogue>{s, in, w.view, epilogue, out.data_ptr<T>(), layout});
-    } else {
-      Backend::template conv_tiled<T>(s, in, w.view, epilogue, out.data_ptr<T>(), layout);
-    }
+    const LaidOutWeights w = lay_out_weights(weight, true, flip);
+    Backend::for_each(
+        ConvDirectOp<T, Source, Epilogue>{s, in, w.view, epilogue, out.data_ptr<T>(), layout_of(out, true)});
+  }
+
+  template <typename T, class Source, class Epilogue>
+  static void conv_nchw(const ConvShape& s, const Source& in, const at::Tensor& weight, bool flip,
+                        const Epilogue& epilogue, const at::Tensor& out) {
+    if (out.numel() == 0) return;
+    const LaidOutWeights w = lay_out_weights(weight, false, flip);
+    Backend::template conv_tiled<T>(s, in, w.view, epilogue, out.data_ptr<T>(), layout_of(out, false));
   }
 
   // grad weight (C x 1 x kh x kw) and grad bias (C), float32, summed over a batch of `in` and `grad_out`, both
   // in the format `channels_last` says: NCHW blocks stage one channel's tiles in shared memory, channels-last
-  // threads take consecutive channels and read the tensors where they are (WeightGradDirectOp).
+  // threads take consecutive channels and read the tensors where they are (WeightGradDirectOp). As with conv,
+  // a source that exists in one layout only calls that layout's function.
   template <typename T, class Source>
   static std::pair<at::Tensor, at::Tensor> weight_grad(const ConvShape& s, bool channels_last, const Source& in,
                                                        const TensorSource<T>& grad_out, const at::Tensor& like) {
+    return channels_last ? weight_grad_channels_last<T>(s, in, grad_out, like)
+                         : weight_grad_nchw<T>(s, in, grad_out, like);
+  }
+
+  template <typename T, class Source>
+  static std::pair<at::Tensor, at::Tensor> weight_grad_channels_last(const ConvShape& s, const Source& in,
+                                                                     const TensorSource<T>& grad_out,
+                                                                     const at::Tensor& like) {
+    return weight_grad_of_partials(s, true, like, [&](const GradTiling& tiling, const GradPartials& partials) {
+      Backend::for_each(WeightGradDirectOp<T, Source>{s, tiling, make_grad_work(s), in, grad_out, partials});
+    });
+  }
+
+  template <typename T, class Source>
+  static std::pair<at::Tensor, at::Tensor> weight_grad_nchw(const ConvShape& s, const Source& in,
+                                                            const TensorSource<T>& grad_out, const at::Tensor& like) {
+    return weight_grad_of_partials(s, false, like, [&](const GradTiling& tiling, const GradPartials& partials) {
+      Backend::template weight_grad_partials<T>(s, tiling, in, grad_out, partials);
+    });
+  }
+
+  // The weight and bias gradients from the per-tile partial sums that partial_sums(tiling, partials) writes,
+  // added over the tiles in a fixed order.
+  template <class PartialSums>
+  static std::pair<at::Tensor, at::Tensor> weight_grad_of_partials(const ConvShape& s, bool channels_last,
+                                                                   const at::Tensor& like,
+                                                                   const PartialSums& partial_sums) {
     const auto options = like.options().dtype(at::kFloat);
     at::Tensor grad_weight = at::empty({s.channels, 1, s.kh, s.kw}, options);
     at::Tensor grad_bias = at::empty({s.channels}, options);
@@ -183,10 +225,7 @@ struct Ops {
     at::Tensor partials_storage = at::empty({static_cast<int64_t>(s.channels) * tiling.tiles * (taps + 1)}, options);
     const GradPartials partials =
         make_grad_partials(partials_storage.data_ptr<float>(), tiling, s.channels, taps + 1, channels_last);
-    if (channels_last)
-      Backend::for_each(WeightGradDirectOp<T, Source>{s, tiling, make_grad_work(s), in, grad_out, partials});
-    else
-      Backend::template weight_grad_partials<T>(s, tiling, in, grad_out, partials);
+    partial_sums(tiling, partials);
     Backend::for_each(WeightGradReduceOp{partials, tiling.tiles, s.channels, taps, grad_weight.data_ptr<float>(),
                                          grad_bias.data_ptr<float>()});
     return {grad_weight, grad_bias};
@@ -251,8 +290,10 @@ struct Ops {
   // The channels-last passes' input: upsample_nearest(query) + memory, B x C x H x W channels-last fp32
   // (UpsampleSumStoreOp).
   template <typename T>
-  static at::Tensor stored_upsample_sum(const ConvShape& s, const UpsampleSumSource<T>& sum, const at::Tensor& memory) {
-    at::Tensor stored = at::empty(memory.sizes(), memory.options().dtype(at::kFloat).memory_format(memory_format(true)));
+  static at::Tensor stored_upsample_sum(const ConvShape& s, const UpsampleSumSource<T>& sum,
+                                       const at::Tensor& memory) {
+    const auto options = memory.options().dtype(at::kFloat).memory_format(memory_format(true));
+    at::Tensor stored = at::empty(memory.sizes(), options);
     Backend::for_each(UpsampleSumStoreOp<T>{s, sum, stored.data_ptr<float>()});
     return stored;
   }
@@ -282,9 +323,10 @@ struct Ops {
       const UpsampleSumSource<scalar_t> sum = upsample_sum<scalar_t>(qc, mc, cl);
       const UpsampleResidualEpilogue<scalar_t> epilogue{bias_data(b), sum};
       if (cl)
-        conv<scalar_t>(s, cl, source_of<float>(stored_upsample_sum(s, sum, mc), cl), w, false, epilogue, y);
+        conv_channels_last<scalar_t>(s, source_of<float>(stored_upsample_sum(s, sum, mc), true), w, false, epilogue,
+                                     y);
       else
-        conv<scalar_t>(s, cl, sum, w, false, epilogue, y);
+        conv_nchw<scalar_t>(s, sum, w, false, epilogue, y);
     });
     return y;
   }
@@ -320,8 +362,9 @@ struct Ops {
       if (output_mask[2] || output_mask[3]) {
         const UpsampleSumSource<scalar_t> sum = upsample_sum<scalar_t>(qc, mc, cl);
         std::tie(grad_weight, grad_bias) =
-            cl ? weight_grad<scalar_t>(s, cl, source_of<float>(stored_upsample_sum(s, sum, mc), cl), gy, mc)
-               : weight_grad<scalar_t>(s, cl, sum, gy, mc);
+            cl ? weight_grad_channels_last<scalar_t>(s, source_of<float>(stored_upsample_sum(s, sum, mc), true), gy,
+                                                     mc)
+               : weight_grad_nchw<scalar_t>(s, sum, gy, mc);
       }
     });
     return {grad_query, output_mask[1] ? grad_sum : at::Tensor(), output_mask[2] ? grad_weight : at::Tensor(),

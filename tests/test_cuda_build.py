@@ -49,9 +49,10 @@ KERNEL_FAMILIES = {
     "conv_tiled_kernel": 6,
     "weight_grad_partials_kernel": 6,
     "ConvDirectOp": 6,
-    "WeightGradDirectOp": 6,
+    "WeightGradDirectOp": 5,  # fp32 grad y with the stored CIM sum is the fp32 depthwise instantiation
     "WeightGradReduceOp": 1,
     "QueryGradOp": 3,
+    "UpsampleSumStoreOp": 3,
     "MaxPoolForwardOp": 3,
     "MaxPoolBackwardOp": 3,
     "AvgPoolForwardOp": 3,
