@@ -9,8 +9,9 @@ autograd recording) and ``fwd+bwd`` (``torch.autograd.grad``), as the median ove
 ``--calls`` back-to-back calls (synchronised once per loop), in microseconds per call. Providers: the public
 ``deco_kernels`` op with each of ``--backends`` (``deco-<backend>``), with "cuda" also through the Python
 ``autograd.Function`` route instead of its C++ autograd nodes (``deco-cuda-python-route``, see
-``deco_kernels/ops/_kernel_op.py``), and the stock composition in eager mode (``eager-nchw``). On a GPU machine this is the host cost of the launches; on a CPU the kernel backends run
-their CPU builds, and the numbers compare routes through Python, not kernels.
+``deco_kernels/ops/_kernel_op.py``), and the stock composition in eager mode (``eager-nchw``). On a GPU machine
+this is the host cost of the launches; on a CPU the kernel backends run their CPU builds, and the numbers compare
+routes through Python, not kernels.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ c10::optional<at::Tensor> optional_as_fp32(const c10::optional<at::Tensor>& t) {
 }
 
 // deco_kernels.ops._common.memory_format_of, NCHW where neither: the format a pool's gradient is brought into.
-at::MemoryFormat layout_of(const at::Tensor& t) {
+at::MemoryFormat memory_format_of(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
                                                                                 : at::MemoryFormat::Contiguous;
 }
@@ -208,7 +208,7 @@ struct AdaptiveMaxPool2dFunction : public torch::autograd::Function<AdaptiveMaxP
     if (!grads[0].defined()) return variable_list(2);
     const at::Tensor indices = ctx->get_saved_variables()[0];
     // In the indices' (= x's) layout, so that grad_x comes back in x's layout.
-    const at::Tensor grad_y = grads[0].contiguous(layout_of(indices));
+    const at::Tensor grad_y = grads[0].contiguous(memory_format_of(indices));
     return {backward_op({grad_y, indices, ctx->saved_data["input_size"]})[0], at::Tensor()};
   }
 };
@@ -220,7 +220,7 @@ struct AdaptiveAvgPool2dFunction : public torch::autograd::Function<AdaptiveAvgP
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     no_zero_filled_gradients(ctx);
     ctx->saved_data["input_size"] = std::vector<int64_t>{x.size(2), x.size(3)};
-    ctx->saved_data["channels_last"] = layout_of(x) == at::MemoryFormat::ChannelsLast;
+    ctx->saved_data["channels_last"] = memory_format_of(x) == at::MemoryFormat::ChannelsLast;
     return forward_primitive.call(x, output_size);
   }
 

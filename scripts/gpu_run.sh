@@ -51,9 +51,13 @@ E2E_JSON=$OUT/e2e-$GPU.json
 CARRIED=${GPU_RUN_CARRIED:-.gpu-run}
 # A file measured with other sources (another version of the kernels or the model) is not continued: its rows
 # would be skipped, not re-measured. The step starts a new file instead.
+measured_here() {
+    python -c 'import sys; from benchmarks.results import code_digest, load
+sys.exit(load(sys.argv[1]).get("code") != code_digest())' "$1"
+}
 for f in "$CARRIED/micro-$GPU.json" "$CARRIED/e2e-$GPU.json"; do
     [[ -s $f && ! -e $OUT/${f##*/} ]] || continue
-    if python -c 'import sys; from benchmarks.results import code_digest, load; sys.exit(load(sys.argv[1]).get("code") != code_digest())' "$f"; then
+    if measured_here "$f"; then
         cp "$f" "$OUT/" && echo "continuing $f"
     else
         echo "not continuing $f: measured with other sources (its code digest differs from this checkout's)"

@@ -176,7 +176,8 @@ def test_channels_last_weight_grad_with_every_tile_height(channels, device):
     assert_close(grad_bias, gb_ref, torch.float32, "grad_bias")
     query = make_input((1, channels, 10, 10), torch.float32, "channels_last", device)
     _, (_, _, gw_ref, gb_ref) = _reference_grads(reference.upsample_add_conv, (query, x, weight, bias), grad_y)
-    _, _, grad_weight, grad_bias = _cuda.upsample_add_conv_backward(grad_y, query, x, weight, [False, False, True, True])
+    mask = [False, False, True, True]
+    _, _, grad_weight, grad_bias = _cuda.upsample_add_conv_backward(grad_y, query, x, weight, mask)
     assert_close(grad_weight, gw_ref, torch.float32, "grad_weight of upsample_add_conv")
     assert_close(grad_bias, gb_ref, torch.float32, "grad_bias of upsample_add_conv")
 

@@ -205,10 +205,9 @@ def test_eager_route_skips_the_dispatcher_and_equals_the_custom_op(device, backe
 def test_no_gradient_is_allocated_for_non_differentiable_outputs(device, backend, route):
     """The max pools' argmax and the conv + LayerNorm statistics get no gradient: backward receives None for
     them on either route, where autograd's default would allocate and zero-fill one tensor each."""
-    torch.manual_seed(0)
-    model = _EveryOp(4).to(device)
-    query = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
-    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    model, query, memory = _every_op_inputs(device)
+    query.requires_grad_()
+    memory.requires_grad_()
     mode = _RecordingMode() if route == "custom op" else contextlib.nullcontext()
     with deco_kernels.use_backend(backend), torch.profiler.profile() as profile, mode:
         model(query, memory).square().sum().backward()
@@ -297,10 +296,9 @@ class _NoGradient(torch.autograd.Function):
 def test_an_undefined_output_gradient_gives_no_gradients(device, backend, route):
     """A consumer whose backward returns None: each op's backward then gets None for its output (its gradients
     are not materialised) and must give None, as the stock ops do, on every route."""
-    torch.manual_seed(0)
-    model = _EveryOp(4).to(device)
-    query = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
-    memory = torch.randn(2, 4, 7, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    model, query, memory = _every_op_inputs(device)
+    query.requires_grad_()
+    memory.requires_grad_()
     mode = _RecordingMode() if route == "custom op" else contextlib.nullcontext()
     with deco_kernels.use_backend(backend), mode:
         (_NoGradient.apply(model(query, memory)).sum() + query.sum()).backward()

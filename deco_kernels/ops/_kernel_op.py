@@ -60,8 +60,8 @@ class KernelOp:
     give the schema), ``fake`` its fake implementation; :meth:`register_autograd` takes the ``backward``
     and ``setup_context`` of ``torch.library.register_autograd`` and uses them for both routes. ``backward`` gets
     None, not zeros, for the gradients of the outputs ``setup_context`` marks non-differentiable, and is not called
-    when the first output's gradient is None. ``native``: ``torch.ops.deco_kernels_C.<name>`` (the op's arguments without the backend, which is the last)
-    runs the op's eager calls with backend "cuda".
+    when the first output's gradient is None. ``native``: ``torch.ops.deco_kernels_C.<name>`` (the op's arguments
+    without the backend, which is the last) runs the op's eager calls with backend "cuda".
     """
 
     def __init__(self, qualname: str, impl: Callable, fake: Callable, *, native: bool = False):
