@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from benchmarks import roofline  # noqa: E402
 from benchmarks.cases import GROUPS, Case, cases, comma_list  # noqa: E402
 from benchmarks.check_targets import is_target_row  # noqa: E402
-from benchmarks.microbench import BenchEnv, graph_unavailable, host_call, run_record  # noqa: E402
+from benchmarks.microbench import BenchEnv, graph_unavailable, run_record  # noqa: E402
 from benchmarks.providers import BASELINES, DEFAULT_PROVIDERS, PROVIDERS, unavailable  # noqa: E402
 from benchmarks.results import LAUNCHES, ResultsFile, environment  # noqa: E402
 from benchmarks.timing import GraphCaptureError  # noqa: E402
@@ -217,7 +217,7 @@ def bench_run(bench_env, bench_results, benchmark, bench_launch):
             pytest.skip(f"measured already in {bench_results.path} (--bench-resume)")
         dtype = _DTYPES[dtype_name]
         try:
-            record = run_record(case, provider, dtype, pass_, bench_env, bench_launch)
+            record, call = run_record(case, provider, dtype, pass_, bench_env, bench_launch)
         except GraphCaptureError as error:
             pytest.skip(f"{provider}: {error}")
         if bench_results is not None:
@@ -227,7 +227,7 @@ def bench_run(bench_env, bench_results, benchmark, bench_launch):
             f"{provider} computes a wrong forward for {case.id} {dtype_name}: error {record['forward_error']:.3g}"
         )
         benchmark.extra_info.update(record)
-        benchmark.pedantic(_synchronized(host_call(case, provider, dtype, pass_, bench_env)), rounds=3, iterations=1)
+        benchmark.pedantic(_synchronized(call), rounds=3, iterations=1)
         return record
 
     return run

@@ -10,6 +10,7 @@ needs a new forward before every run).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,12 @@ def forward_error(case: Case, dtype: torch.dtype, output: torch.Tensor) -> float
 
 
 def host_call(case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv):
-    """One call of the combination, setup included, as a zero-argument callable (for pytest-benchmark)."""
+    """One call of the combination, setup included, as a zero-argument callable."""
     run, setup, _ = prepare(case, provider, dtype, pass_, env)
+    return _with_setup(run, setup)
+
+
+def _with_setup(run, setup):
     return lambda: run(setup() if setup else None)
 
 
@@ -105,8 +110,9 @@ def graph_unavailable(pass_: str, device: torch.device) -> str | None:
 
 def run_record(
     case: Case, provider: str, dtype: torch.dtype, pass_: str, env: BenchEnv, launch: str = "eager"
-) -> dict:
-    """Measure one combination and return its record (see :mod:`benchmarks.results` for the fields).
+) -> tuple[dict, Callable[[], object]]:
+    """Measure one combination: its record (see :mod:`benchmarks.results` for the fields) and the measured call
+    as a zero-argument callable, setup included (pytest-benchmark's cross-check runs it on the same inputs).
 
     ``launch="graph"`` times CUDA graph replays of the call (:func:`benchmarks.timing.measure`, which raises
     :class:`benchmarks.timing.GraphCaptureError` when the call cannot be captured).
@@ -125,7 +131,7 @@ def run_record(
     model = roofline.cost(case.op, case.dims, dtype, pass_)
     seconds = stats.median_ms * 1e-3
     floor_s = roofline.roofline_floor_s(model, env.copy_bytes_per_s, env.peak_fp32_flops or float("inf"))
-    return {
+    record = {
         "op": case.op,
         "group": case.group,
         "provider": provider,
@@ -145,6 +151,7 @@ def run_record(
         "roofline_pct": 100.0 * floor_s / seconds,
         **({"launch": launch} if launch != "eager" else {}),
     }
+    return record, _with_setup(run, setup)
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:

@@ -3,7 +3,9 @@
 ``python -m benchmarks.report render RESULTS.json`` writes ``RESULTS.md`` (every record, grouped by op / model)
 and ``RESULTS-<op>.png`` / ``RESULTS-e2e.png`` beside the file, then prints the headline table (markdown,
 for the README) and the target check. ``python -m benchmarks.report merge A.json B.json -o OUT.json`` joins
-files of one device (e.g. the microbenchmark and end-to-end files of a GPU session) into one.
+files of one device (e.g. the microbenchmark and end-to-end files of a GPU session) into one; ``python -m
+benchmarks.report split RESULTS.json --micro M.json --e2e E.json`` takes such a file apart again, so that a
+later GPU session continues it (``scripts/gpu_run.sh`` does that with the committed results).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.cases import OPS
 from benchmarks.check_targets import BACKENDS, COMPILE, EAGER, evaluate
-from benchmarks.results import launch_of, load, merge
+from benchmarks.results import launch_of, load, merge, split
 
 __all__ = ["headline_table", "main", "render"]
 
@@ -215,6 +217,11 @@ def render(path: str | Path) -> tuple[Path, list[Path]]:
     return markdown, _plots(document, stem)
 
 
+def _write_json(path: str, document: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(document, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -223,11 +230,21 @@ def main(argv: list[str] | None = None) -> int:
     merge_parser = commands.add_parser("merge", help="join results files of one device")
     merge_parser.add_argument("inputs", nargs="+")
     merge_parser.add_argument("-o", "--out", required=True)
+    split_parser = commands.add_parser("split", help="a merged file's microbenchmark and end-to-end records apart")
+    split_parser.add_argument("results")
+    split_parser.add_argument("--micro", help="where to write the microbenchmark records (left out: not written)")
+    split_parser.add_argument("--e2e", help="where to write the end-to-end records (left out: not written)")
     args = parser.parse_args(argv)
+    if args.command == "split":
+        parts = split(load(args.results))
+        for kind, out in (("micro", args.micro), ("e2e", args.e2e)):
+            if out and kind in parts:
+                _write_json(out, parts[kind])
+                print(f"wrote {out} ({len(parts[kind]['records'])} {kind} records of {args.results})")
+        return 0
     if args.command == "merge":
         merged = merge([load(p) for p in args.inputs])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(merged, indent=1))
+        _write_json(args.out, merged)
         print(f"wrote {args.out} ({len(merged['records'])} records)")
         return 0
     markdown, plots = render(args.results)

@@ -44,6 +44,7 @@ __all__ = [
     "load",
     "merge",
     "row_key",
+    "split",
     "validate",
 ]
 
@@ -262,6 +263,12 @@ def load(path: str | os.PathLike) -> dict:
     return document
 
 
+def _joined_commands(documents: list[dict]) -> str:
+    # A file continued from a merged one already lists the other file's commands: each command once.
+    commands = [command for d in documents for command in d["command"].split(" ; ")]
+    return " ; ".join(dict.fromkeys(commands))
+
+
 def merge(documents: list[dict]) -> dict:
     """One results document from several of the same device (e.g. the microbenchmark and e2e files)."""
     if not documents:
@@ -273,7 +280,25 @@ def merge(documents: list[dict]) -> dict:
     if len(codes) != 1:
         raise ValueError(f"merge: results measured different sources (code {sorted(map(str, codes))}); re-measure")
     merged = {key: value for key, value in documents[0].items() if key != "records"}
-    merged["command"] = " ; ".join(d["command"] for d in documents)
+    merged["command"] = _joined_commands(documents)
     merged["records"] = [record for d in documents for record in d["records"]]
+    seen: set[tuple] = set()
+    for record in merged["records"]:
+        key = row_key(record)
+        if key in seen:
+            raise ValueError(f"merge: the row {key} is in more than one of the files; merge files of distinct rows")
+        seen.add(key)
     validate(merged)
     return merged
+
+
+def split(document: dict) -> dict[str, dict]:
+    """The inverse of :func:`merge` for a GPU session's files: ``{"micro": ..., "e2e": ...}``, each the header
+    with the microbenchmark (``op``) or end-to-end (``model``) records, for the kinds the document holds. A later
+    session continues a committed results file from these."""
+    header = {key: value for key, value in document.items() if key != "records"}
+    parts = {
+        "micro": [record for record in document["records"] if "op" in record],
+        "e2e": [record for record in document["records"] if "model" in record],
+    }
+    return {kind: {**header, "records": records} for kind, records in parts.items() if records}

@@ -25,7 +25,9 @@
 # a step cut off keeps what matters. Results accumulate across calls: copy the JSON files a call brought back
 # into .gpu-run/ (git-ignored) and name `.gpu-run` in the next call's carry; the next bench / e2e / autotune
 # step then continues those files (same GPU, torch, triton and measured sources) and measures only the rows they
-# lack.
+# lack. A file not carried is continued from the committed results of this GPU instead
+# (benchmarks/results/<gpu>-<date>.json, where measured with these sources; GPU_RUN_COMMITTED names another
+# directory), so a later session goes on where an earlier one's commit stopped.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
 # e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, demo.log, demo-<gpu>.json;
@@ -63,6 +65,20 @@ for f in "$CARRIED/micro-$GPU.json" "$CARRIED/e2e-$GPU.json"; do
         echo "not continuing $f: measured with other sources (its code digest differs from this checkout's)"
     fi
 done
+# The whole matrix takes more device time than one session has, and a new session's checkout has no carried
+# files: continue the committed results of this GPU (a merge of an earlier session's micro and e2e files) where
+# they were measured with these sources, for each file not carried.
+COMMITTED=${GPU_RUN_COMMITTED:-benchmarks/results}
+if [[ ! -e $MICRO_JSON || ! -e $E2E_JSON ]]; then
+    for f in $(compgen -G "$COMMITTED/$GPU-*.json" | grep -v -- '-host\.json$' | sort -r); do
+        measured_here "$f" || continue
+        parts=()
+        [[ -e $MICRO_JSON ]] || parts+=(--micro "$MICRO_JSON")
+        [[ -e $E2E_JSON ]] || parts+=(--e2e "$E2E_JSON")
+        python -m benchmarks.report split "$f" "${parts[@]}" | sed -e 's/^wrote/continuing: wrote/'
+        break
+    done
+fi
 
 # Seconds left for a step: the smaller of its own cap and what remains of the budget (minus 15 s of margin).
 left() {

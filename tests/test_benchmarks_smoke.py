@@ -18,6 +18,7 @@ from benchmarks.cases import OPS, cases  # noqa: E402
 from benchmarks.check_targets import evaluate  # noqa: E402
 from benchmarks.report import headline_table, render  # noqa: E402
 from benchmarks.microbench import BenchEnv, graph_unavailable, run_record  # noqa: E402
+from benchmarks.providers import make_inputs  # noqa: E402
 from benchmarks.results import (  # noqa: E402
     ResultsFile,
     add_speedups,
@@ -25,6 +26,7 @@ from benchmarks.results import (  # noqa: E402
     environment,
     load,
     merge,
+    split,
     validate,
 )
 from benchmarks.timing import measure  # noqa: E402
@@ -410,6 +412,42 @@ def test_speedups_schema_and_merge(tmp_path):
         "gpu-2026-01-01-depthwise_conv2d.png"
     ]
     assert "| depthwise_conv2d | B8 C480 H25 W42 kh9 kw9 | float32 | fwd+bwd | 0.500 |" in headline_table(records)
+
+
+def test_split_takes_a_merge_apart_again():
+    micro = {**_document([_micro("eager-nchw", 2.0), _micro("deco-cuda", 1.0)]), "command": "pytest ; pytest again"}
+    e2e_file = {**_document([{**_e2e("DECO-R18", "stock-eager", 10.0), "speedup": {}}]), "command": "e2e"}
+    merged = merge([micro, e2e_file])
+    assert merged["command"] == "pytest ; pytest again ; e2e"
+    parts = split(merged)
+    assert [r["provider"] for r in parts["micro"]["records"]] == ["eager-nchw", "deco-cuda"]
+    assert parts["e2e"]["records"] == e2e_file["records"]
+    # Continued from the merge, each part lists every command once when merged back.
+    assert merge([parts["micro"], parts["e2e"]]) == merged
+    assert set(split(micro)) == {"micro"}
+    with pytest.raises(ValueError, match="is in more than one of the files"):
+        merge([merged, parts["e2e"]])
+
+
+def test_every_provider_gets_the_same_inputs_and_its_own_tensors():
+    for op in OPS:
+        case = cases(op, ("smoke",))[0]
+        nchw = make_inputs(case, torch.float32, "eager-nchw", torch.device("cpu"))
+        with torch.no_grad():
+            for tensor in nchw.tensors:
+                tensor.zero_()  # a provider that wrote into its inputs must not change the next one's
+        channels_last = make_inputs(case, torch.float32, "eager-cl", torch.device("cpu"))
+        again = make_inputs(case, torch.float32, "eager-nchw", torch.device("cpu"))
+        for cl, fresh in zip(channels_last.tensors, again.tensors):
+            assert torch.equal(cl, fresh) and fresh.ne(0).all()
+            assert cl.is_leaf and cl.requires_grad and fresh.data_ptr() != cl.data_ptr()
+        activation = channels_last.tensors[0]
+        if op == "scale_residual_max_pool":  # B x H x W x C views of channels-last maps: dense
+            assert activation.is_contiguous()
+        else:
+            assert activation.is_contiguous(memory_format=torch.channels_last) and not activation.is_contiguous()
+        assert make_inputs(case, torch.float32, "eager-nchw", torch.device("cpu"), seed=1).tensors[0].ne(
+            again.tensors[0]).any()
 
 
 def test_graph_replays_compare_with_graph_replays():

@@ -24,8 +24,10 @@ _SMOKE_E2E = (
 )
 
 
-def _gpu_run(out, carried, *steps, providers):
+def _gpu_run(out, carried, *steps, providers, committed=None):
     environment = repo_environment(
+        # The repository's own committed results are another GPU's: only a test's own are continued.
+        GPU_RUN_COMMITTED=str(committed or Path(out) / "no-committed-results"),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # the script runs `python`
         OUT=str(out),
         GPU_RUN_CARRIED=str(carried),
@@ -80,6 +82,26 @@ def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
     assert f"not continuing {carried}/micro-{gpu}.json: measured with other sources" in log
     third = json.loads((third_out / f"micro-{gpu}.json").read_text())
     assert third["code"] == stale["code"] and {r["provider"] for r in third["records"]} == {"eager-cl"}
+
+    # A new session's checkout has no carried files: it continues the committed merge of an earlier session's
+    # files where that was measured with these sources (here the second call's), skipping one measured with
+    # others (a later date, so looked at first) and the host-overhead file.
+    committed = tmp_path / "committed"
+    merged = committed / f"{gpu}-2026-01-01.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "merge", second_out / f"micro-{gpu}.json",
+         second_out / f"e2e-{gpu}.json", "-o", merged],
+        cwd=REPO, env=repo_environment(), check=True, capture_output=True,
+    )
+    (committed / f"{gpu}-2026-02-01.json").write_text(json.dumps({**stale, "code": "0123456789ab"}))
+    (committed / f"{gpu}-2026-03-01-host.json").write_text("{}")
+    fourth_out = tmp_path / "fourth"
+    log = _gpu_run(fourth_out, tmp_path / "none", "bench", "e2e", providers="eager-nchw,eager-cl", committed=committed)
+    assert f"continuing: wrote {fourth_out}/micro-{gpu}.json ({len(second)} micro records of {merged})" in log
+    assert f"continuing: wrote {fourth_out}/e2e-{gpu}.json (1 e2e records of {merged})" in log
+    fourth = json.loads((fourth_out / f"micro-{gpu}.json").read_text())["records"]
+    assert fourth == second  # every row was measured already: nothing new
+    assert json.loads((fourth_out / f"e2e-{gpu}.json").read_text())["records"] == e2e
 
 
 def test_profile_step_writes_breakdowns_and_traces(tmp_path):
