@@ -10,6 +10,7 @@ needs a new forward before every run).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,11 +123,16 @@ def run_record(
     reason = graph_unavailable(pass_, env.device) if launch == "graph" else None
     if reason:
         raise ValueError(f"launch='graph' for {case.id} {pass_}: {reason}")
+    started = time.perf_counter()
     run, setup, output = prepare(case, provider, dtype, pass_, env)
+    _synchronize(env.device)
+    first_call_s = time.perf_counter() - started
     # A fast but wrong kernel must not make a benchmark row: every measured output is checked.
     error = forward_error(case, dtype, output)
     del output
     stats = measure(run, setup, device=env.device, rep_ms=env.rep_ms, flush_l2=env.flush_l2, graph=launch == "graph")
+    _synchronize(env.device)
+    row_s = time.perf_counter() - started
 
     model = roofline.cost(case.op, case.dims, dtype, pass_)
     seconds = stats.median_ms * 1e-3
@@ -150,8 +156,15 @@ def run_record(
         "roofline_floor_ms": floor_s * 1e3,
         "roofline_pct": 100.0 * floor_s / seconds,
         **({"launch": launch} if launch != "eager" else {}),
+        "first_call_s": first_call_s,
+        "row_s": row_s,
     }
     return record, _with_setup(run, setup)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:

@@ -152,7 +152,33 @@ def _full_tables(document: dict) -> str:
                 f"| {r['median_ms']:.4f} | {r['p20_ms']:.4f}-{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} "
                 f"| {r['gflop_per_s']:.0f} | {r['roofline_pct']:.1f} | {r['forward_error']:.1e} | {speedups} |"
             )
+    out += _run_time_table(micro)
     return "\n".join(out) + "\n"
+
+
+def _run_time_table(micro: list[dict]) -> list[str]:
+    """Where the microbenchmark run's time went, per provider: what the next session's plan needs."""
+    timed = [r for r in micro if "row_s" in r]
+    if not timed:
+        return []
+    out = [
+        "",
+        "## Run time",
+        "",
+        "Wall time of the measured rows (the first call, compilation included, and the timing itself), per provider.",
+        "",
+        "| provider | rows | first calls s | rows s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for provider in dict.fromkeys(r["provider"] for r in timed):
+        rows = [r for r in timed if r["provider"] == provider]
+        out.append(
+            f"| {provider} | {len(rows)} | {sum(r['first_call_s'] for r in rows):.0f} "
+            f"| {sum(r['row_s'] for r in rows):.0f} |"
+        )
+    first_calls, whole = sum(r["first_call_s"] for r in timed), sum(r["row_s"] for r in timed)
+    out.append(f"| all | {len(timed)} | {first_calls:.0f} | {whole:.0f} |")
+    return out
 
 
 def _plots(document: dict, stem: Path) -> list[Path]:

@@ -13,7 +13,9 @@ kernels or the model.
 A microbenchmark record has ``op``, ``group``, ``provider``, ``shape`` (dict), ``dtype``, ``pass`` (fwd, bwd,
 fwd+bwd), ``median_ms``, ``p20_ms``, ``p80_ms``, ``runs``, ``gb_per_s``, ``gflop_per_s``, ``roofline_pct``,
 ``forward_error`` (its output against the float64 stock composition) and ``speedup`` ({baseline provider:
-baseline median / this median} for each baseline measured on the same op, shape, dtype, pass and launch).
+baseline median / this median} for each baseline measured on the same op, shape, dtype, pass and launch);
+``first_call_s`` (inputs and the first call: compilation included) and ``row_s`` (the row's measurement, the
+first call included) say where a run's time went (files written before they existed lack them).
 ``launch`` is ``"graph"`` where the call was captured in a CUDA graph and replayed (device time without the
 host's launch work; ``benchmarks.timing.measure(graph=True)``); a record without it was launched eagerly.
 An end-to-end record has ``model``, ``provider``, ``batch``, ``image_size`` ([H, W]), ``dtype``, ``pass``

@@ -76,6 +76,10 @@ def test_microbenchmark_suite_runs_on_cpu(tmp_path):
         assert set(record["speedup"]) <= {"eager-nchw", "eager-cl", "compile", "compile-max-autotune"}
         assert record["provider"] not in record["speedup"]
         assert record["forward_error"] < 1e-5
+        assert 0 < record["first_call_s"] < record["row_s"]
+    markdown, _ = render(out)
+    compiled = sum(r["provider"] == "compile" for r in document["records"])
+    assert f"| compile | {compiled} |" in markdown.read_text().split("## Run time")[1]
 
 
 def test_microbenchmarks_resume_a_results_file(tmp_path):
