@@ -27,7 +27,8 @@
 # step then continues those files (same GPU, torch, triton and measured sources) and measures only the rows they
 # lack. A file not carried is continued from the committed results of this GPU instead
 # (benchmarks/results/<gpu>-<date>.json, where measured with these sources; GPU_RUN_COMMITTED names another
-# directory), so a later session goes on where an earlier one's commit stopped.
+# directory), so a later session goes on where an earlier one's commit stopped. The host overhead is measured
+# once per version of the sources: a carried or committed host-<gpu>.json measured with them is kept.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
 # e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, demo.log, demo-<gpu>.json;
@@ -54,10 +55,11 @@ CARRIED=${GPU_RUN_CARRIED:-.gpu-run}
 # A file measured with other sources (another version of the kernels or the model) is not continued: its rows
 # would be skipped, not re-measured. The step starts a new file instead.
 measured_here() {
-    python -c 'import sys; from benchmarks.results import code_digest, load
-sys.exit(load(sys.argv[1]).get("code") != code_digest())' "$1"
+    python -c 'import json, sys; from benchmarks.results import code_digest
+sys.exit(json.load(open(sys.argv[1])).get("code") != code_digest())' "$1"
 }
-for f in "$CARRIED/micro-$GPU.json" "$CARRIED/e2e-$GPU.json"; do
+HOST_JSON=$OUT/host-$GPU.json
+for f in "$CARRIED/micro-$GPU.json" "$CARRIED/e2e-$GPU.json" "$CARRIED/host-$GPU.json"; do
     [[ -s $f && ! -e $OUT/${f##*/} ]] || continue
     if measured_here "$f"; then
         cp "$f" "$OUT/" && echo "continuing $f"
@@ -76,6 +78,13 @@ if [[ ! -e $MICRO_JSON || ! -e $E2E_JSON ]]; then
         [[ -e $MICRO_JSON ]] || parts+=(--micro "$MICRO_JSON")
         [[ -e $E2E_JSON ]] || parts+=(--e2e "$E2E_JSON")
         python -m benchmarks.report split "$f" "${parts[@]}" | sed -e 's/^wrote/continuing: wrote/'
+        break
+    done
+fi
+if [[ ! -e $HOST_JSON ]]; then
+    for f in $(compgen -G "$COMMITTED/$GPU-*-host.json" | sort -r); do
+        measured_here "$f" || continue
+        cp "$f" "$HOST_JSON" && echo "continuing: host overhead of $f"
         break
     done
 fi
@@ -191,10 +200,15 @@ run_bench() {  # run_bench CAP_S extra pytest args...
 step_bench() {
     ensure_build
     LOG=bench.log
-    note "host overhead per call -> host-$GPU.json (log: bench.log)"
-    # shellcheck disable=SC2086
-    timeout "$(left 90)" python -m benchmarks.host_overhead --out "$OUT/host-$GPU.json" ${HOST_ARGS:-} 2>&1 | tee -a "$OUT/$LOG"
-    ((PIPESTATUS[0] != 0)) && STATUS=1
+    if [[ -e $HOST_JSON ]]; then
+        # About a minute of device time per call, and it depends on the sources alone: measured once for them.
+        note "host overhead per call: host-$GPU.json was measured with these sources already"
+    else
+        note "host overhead per call -> host-$GPU.json (log: bench.log)"
+        # shellcheck disable=SC2086
+        timeout "$(left 90)" python -m benchmarks.host_overhead --out "$HOST_JSON" ${HOST_ARGS:-} 2>&1 | tee -a "$OUT/$LOG"
+        ((PIPESTATUS[0] != 0)) && STATUS=1
+    fi
     run_bench 555 --bench-groups deco,stride8,deco-enc,stride16
     report_targets
 }

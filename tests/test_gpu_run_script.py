@@ -94,7 +94,8 @@ def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
         cwd=REPO, env=repo_environment(), check=True, capture_output=True,
     )
     (committed / f"{gpu}-2026-02-01.json").write_text(json.dumps({**stale, "code": "0123456789ab"}))
-    (committed / f"{gpu}-2026-03-01-host.json").write_text("{}")
+    (committed / f"{gpu}-2026-03-01-host.json").write_text("{}")  # no code: measured with other sources
+    shutil.copy(second_out / f"host-{gpu}.json", committed / f"{gpu}-2026-01-01-host.json")
     fourth_out = tmp_path / "fourth"
     log = _gpu_run(fourth_out, tmp_path / "none", "bench", "e2e", providers="eager-nchw,eager-cl", committed=committed)
     assert f"continuing: wrote {fourth_out}/micro-{gpu}.json ({len(second)} micro records of {merged})" in log
@@ -102,6 +103,10 @@ def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
     fourth = json.loads((fourth_out / f"micro-{gpu}.json").read_text())["records"]
     assert fourth == second  # every row was measured already: nothing new
     assert json.loads((fourth_out / f"e2e-{gpu}.json").read_text())["records"] == e2e
+    # The host overhead depends on the sources alone: the committed one is taken, not measured again.
+    assert f"continuing: host overhead of {committed}/{gpu}-2026-01-01-host.json" in log
+    assert f"host-{gpu}.json was measured with these sources already" in log
+    assert (fourth_out / f"host-{gpu}.json").read_text() == (second_out / f"host-{gpu}.json").read_text()
 
 
 def test_profile_step_writes_breakdowns_and_traces(tmp_path):
