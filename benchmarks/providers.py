@@ -52,22 +52,26 @@ def _layout(provider: str) -> torch.memory_format:
     return torch.channels_last if provider.endswith("-cl") else torch.contiguous_format
 
 
+# The ops with a depthwise conv: activations, then the conv's weight, then per-channel parameters.
+_CONV_OPS = ("depthwise_conv2d", "depthwise_conv2d_layernorm", "upsample_add_conv")
+
+
 def _draw_specs(case: Case) -> list[tuple[str, tuple[int, ...]]]:
     """(kind, shape) of each random tensor of ``case``, in draw order: ``activation`` or ``parameter``."""
     dims = case.dims
     b, c = dims["B"], dims["C"]
     plane = (b, c, dims["H"], dims["W"])
-    weight = (c, 1, dims.get("kh", 0), dims.get("kw", 0))
     if case.op == "scale_residual_max_pool":
         return [("activation", plane), ("activation", plane), ("parameter", (c,))]
+    if case.op not in _CONV_OPS:
+        return [("activation", plane)]  # the pools
+    weight = (c, 1, dims["kh"], dims["kw"])
     if case.op == "depthwise_conv2d":
         return [("activation", plane), ("parameter", weight), ("parameter", (c,))]
     if case.op == "depthwise_conv2d_layernorm":
         return [("activation", plane), ("parameter", weight)] + [("parameter", (c,))] * 3
-    if case.op == "upsample_add_conv":
-        query = (b, c, dims["Hq"], dims["Wq"])
-        return [("activation", query), ("activation", plane), ("parameter", weight), ("parameter", (c,))]
-    return [("activation", plane)]
+    query = (b, c, dims["Hq"], dims["Wq"])  # upsample_add_conv
+    return [("activation", query), ("activation", plane), ("parameter", weight), ("parameter", (c,))]
 
 
 @functools.lru_cache(maxsize=2)
@@ -100,7 +104,7 @@ def make_inputs(case: Case, dtype: torch.dtype, provider: str, device: torch.dev
         z, ffn = (t.detach().permute(0, 2, 3, 1).requires_grad_() for t in tensors[:2])
         gamma = tensors[2]
         return Inputs([z, ffn, gamma], ((case.dims["oh"], case.dims["ow"]),), [z, ffn, gamma])
-    if case.op in ("depthwise_conv2d", "depthwise_conv2d_layernorm", "upsample_add_conv"):
+    if case.op in _CONV_OPS:
         return Inputs(tensors, (), list(tensors))
     return Inputs(tensors, ((case.dims["oh"], case.dims["ow"]),), tensors)
 
