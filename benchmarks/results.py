@@ -98,6 +98,8 @@ def code_digest() -> str:
     root = Path(__file__).resolve().parents[1]
     paths = [path for top in MEASURED_SOURCES for path in (root / top).rglob("*") if path.suffix in _SOURCE_SUFFIXES]
     return files_digest(paths, lambda path: path.relative_to(root).as_posix())[:12]
+
+
 _TOP_FIELDS = {
     "device": str,
     "torch": str,
@@ -182,11 +184,9 @@ class ResultsFile:
                         f"{self.path}: cannot resume: its {field} is {previous.get(field)!r}, this run's is "
                         f"{self.header.get(field)!r}; write to another file"
                     )
-            commands = previous["command"].split(" ; ")
-            if self.header["command"] not in commands:
-                commands.append(self.header["command"])
+            command = _joined_commands([previous, self.header])
             self.header = {key: value for key, value in previous.items() if key != "records"}
-            self.header["command"] = " ; ".join(commands)
+            self.header["command"] = command
             self.records = previous["records"]
         self._keys = {row_key(record) for record in self.records}
 
