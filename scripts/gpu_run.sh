@@ -53,10 +53,11 @@ MICRO_JSON=$OUT/micro-$GPU.json
 E2E_JSON=$OUT/e2e-$GPU.json
 CARRIED=${GPU_RUN_CARRIED:-.gpu-run}
 # A file measured with other sources (another version of the kernels or the model) is not continued: its rows
-# would be skipped, not re-measured. The step starts a new file instead.
+# would be skipped, not re-measured. The step starts a new file instead. The digest is computed once: each
+# Python that imports torch costs seconds of device time before the first measurement.
+CODE_DIGEST=$(python -c 'from benchmarks.results import code_digest; print(code_digest())') || exit 1
 measured_here() {
-    python -c 'import json, sys; from benchmarks.results import code_digest
-sys.exit(json.load(open(sys.argv[1])).get("code") != code_digest())' "$1"
+    python -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("code") != sys.argv[2])' "$1" "$CODE_DIGEST"
 }
 HOST_JSON=$OUT/host-$GPU.json
 for f in "$CARRIED/micro-$GPU.json" "$CARRIED/e2e-$GPU.json" "$CARRIED/host-$GPU.json"; do
@@ -107,19 +108,30 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 step_env() {
+    note "environment (env.txt)"
     {
         nvidia-smi || echo "nvidia-smi failed"
-        python -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
-        python -c 'import triton; print("triton", triton.__version__)' || echo "triton missing"
-        python -c 'import torch; p = torch.cuda.get_device_properties(0); print(p.name, "SMs", p.multi_processor_count, "L2 MB", getattr(p, "L2_cache_size", 0) / 2**20, "clock kHz", getattr(p, "clock_rate", "?"))' || true
-        nvcc --version 2>/dev/null | tail -2 || echo "nvcc not on PATH"
-        python -c 'import pycocotools' 2>/dev/null && echo "pycocotools present" || echo "pycocotools absent"
-    } 2>&1 | tee "$OUT/env.txt"
-}
+        python - <<'EOF'
+import importlib.util
+import sys
 
-# The module imports and was built from this checkout's csrc/ (deco_kernels._cuda compares the source digest).
-extension_ready() {
-    python -c 'import sys; from deco_kernels import _cuda; _cuda.is_available() or sys.exit(_cuda.load_error())'
+import torch
+
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton missing")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(p.name, "SMs", p.multi_processor_count, "L2 MB", getattr(p, "L2_cache_size", 0) / 2**20,
+          "clock kHz", getattr(p, "clock_rate", "?"))
+print("pycocotools", "present" if importlib.util.find_spec("pycocotools") else "absent")
+EOF
+        nvcc --version 2>/dev/null | tail -2 || echo "nvcc not on PATH"
+    } 2>&1 | tee "$OUT/env.txt"
 }
 
 step_build() {
@@ -142,8 +154,10 @@ step_build() {
     check_imports
 }
 
+# The import check every later step relies on: nothing here may import pycocotools (absent on this machine).
+# Its status says whether deco_kernels._C imports and was built from this checkout's csrc/ (deco_kernels._cuda
+# compares the source digest).
 check_imports() {
-    # The import check every later step relies on: nothing here may import pycocotools (absent on this machine).
     python - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
 import sys
 import deco_kernels, deco.models, deco.losses, deco.matcher, deco.models.detr
@@ -153,16 +167,18 @@ from deco_kernels.backend import available_backends
 print("deco_kernels._C:", "built" if _cuda.is_available() else f"NOT AVAILABLE: {_cuda.load_error()}")
 print("backends on cuda:", available_backends("cuda"))
 print("pycocotools imported by the model/benchmark modules:", "pycocotools" in sys.modules)
+sys.exit(0 if _cuda.is_available() else 3)
 EOF
+    return "${PIPESTATUS[0]}"
 }
 
 ensure_build() {
-    if extension_ready; then
-        note "deco_kernels._C already built from these sources"
-        check_imports
-    else
-        step_build
-    fi
+    check_imports
+    case $? in
+        0) note "deco_kernels._C already built from these sources" ;;
+        3) step_build ;;
+        *) echo "the import check failed (env.txt)" && STATUS=1 ;;
+    esac
 }
 
 step_test() {
