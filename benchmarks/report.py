@@ -5,21 +5,24 @@ and ``RESULTS-<op>.png`` / ``RESULTS-e2e.png`` beside the file, then prints the 
 for the README) and the target check. ``python -m benchmarks.report merge A.json B.json -o OUT.json`` joins
 files of one device (e.g. the microbenchmark and end-to-end files of a GPU session) into one; ``python -m
 benchmarks.report split RESULTS.json --micro M.json --e2e E.json`` takes such a file apart again, so that a
-later GPU session continues it (``scripts/gpu_run.sh`` does that with the committed results).
+later GPU session continues it (``scripts/gpu_run.sh`` does that with the committed results). ``python -m
+benchmarks.report compare BASE.json NEW.json`` sets two runs of one device side by side, row by row: what a
+change to the kernels bought, and which rows got slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 from benchmarks.cases import OPS
 from benchmarks.check_targets import BACKENDS, COMPILE, EAGER, evaluate
-from benchmarks.results import launch_of, load, merge, split
+from benchmarks.results import launch_of, load, merge, row_key, split
 
-__all__ = ["headline_table", "main", "render"]
+__all__ = ["compare", "headline_table", "main", "render"]
 
 HEADLINE_BATCH = 8
 
@@ -243,6 +246,64 @@ def render(path: str | Path) -> tuple[Path, list[Path]]:
     return markdown, _plots(document, stem)
 
 
+def _row_text(record: dict) -> str:
+    if "op" in record:
+        return f"{record['op']} | {_shape_text(record['shape'])} | {record['dtype']} | {record['pass']}"
+    height, width = record["image_size"]
+    return f"{record['model']} | B{record['batch']} {height}x{width} | {record['dtype']} | {record['pass']}"
+
+
+def _spread_text(record: dict) -> str:
+    return f"{record['median_ms']:.3f} ({record['p20_ms']:.3f}-{record['p80_ms']:.3f})"
+
+
+def compare(base: dict, new: dict, slower: float = 1.1) -> str:
+    """Markdown: ``new``'s records against ``base``'s rows of the same op or model, shape, dtype, pass, launch and
+    provider. Per op or model, provider and launch, the rows matched and the median, least and greatest ratio of
+    new to base median time (below 1: faster now); then every row that took more than ``slower`` times its base
+    time, with both runs' 20th-80th percentiles, as a host-bound row's spread can be that wide."""
+    if base["device"] != new["device"]:
+        raise ValueError(f"compare: the runs are of different devices ({base['device']!r}, {new['device']!r})")
+    base_rows = {row_key(record): record for record in base["records"]}
+    pairs = [(base_rows[row_key(record)], record) for record in new["records"] if row_key(record) in base_rows]
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for old, record in pairs:
+        name = record.get("op") or record["model"]
+        launch = launch_of(record) if "op" in record else "-"
+        groups.setdefault((name, record["provider"], launch), []).append(record["median_ms"] / old["median_ms"])
+    lines = [
+        f"{len(pairs)} of the {len(new['records'])} rows of the new run were measured in the base run; "
+        "new / base median time (below 1: faster now):",
+        "",
+        "| op / model | provider | launch | rows | median | least | greatest |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (name, provider, launch), ratios in sorted(groups.items()):
+        lines.append(
+            f"| {name} | {provider} | {launch} | {len(ratios)} | {statistics.median(ratios):.2f} "
+            f"| {min(ratios):.2f} | {max(ratios):.2f} |"
+        )
+    slow = sorted(
+        ((record["median_ms"] / old["median_ms"], old, record) for old, record in pairs
+         if record["median_ms"] > slower * old["median_ms"]),
+        key=lambda item: -item[0],
+    )
+    lines += ["", f"Rows over {slower:.2f}x their base time: {len(slow)}"]
+    if slow:
+        lines += [
+            "",
+            "| op / model | shape or batch | dtype | pass | provider | launch | base ms (p20-p80) | new ms (p20-p80) "
+            "| new / base |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {_row_text(record)} | {record['provider']} | {launch_of(record) if 'op' in record else '-'} "
+            f"| {_spread_text(old)} | {_spread_text(record)} | {ratio:.2f} |"
+            for ratio, old, record in slow
+        ]
+    return "\n".join(lines)
+
+
 def _write_json(path: str, document: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(document, indent=1))
@@ -260,7 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     split_parser.add_argument("results")
     split_parser.add_argument("--micro", help="where to write the microbenchmark records (left out: not written)")
     split_parser.add_argument("--e2e", help="where to write the end-to-end records (left out: not written)")
+    compare_parser = commands.add_parser("compare", help="two runs of one device, row by row")
+    compare_parser.add_argument("base")
+    compare_parser.add_argument("new")
+    compare_parser.add_argument(
+        "--slower", type=float, default=1.1, help="list the rows over this many times their base time (1.1)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        try:
+            print(compare(load(args.base), load(args.new), args.slower))
+        except ValueError as error:
+            parser.error(str(error))
+        return 0
     if args.command == "split":
         parts = split(load(args.results))
         for kind, out in (("micro", args.micro), ("e2e", args.e2e)):

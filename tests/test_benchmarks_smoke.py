@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the install
 from benchmarks import breakdown, e2e, host_overhead, roofline  # noqa: E402
 from benchmarks.cases import OPS, cases  # noqa: E402
 from benchmarks.check_targets import evaluate  # noqa: E402
-from benchmarks.report import headline_table, render  # noqa: E402
+from benchmarks.report import compare, headline_table, render  # noqa: E402
+from benchmarks.report import main as report_main  # noqa: E402
 from benchmarks.microbench import BenchEnv, graph_unavailable, run_record  # noqa: E402
 from benchmarks.providers import make_inputs  # noqa: E402
 from benchmarks.results import (  # noqa: E402
@@ -431,6 +432,41 @@ def test_split_takes_a_merge_apart_again():
     assert set(split(micro)) == {"micro"}
     with pytest.raises(ValueError, match="is in more than one of the files"):
         merge([merged, parts["e2e"]])
+
+
+def test_compare_sets_two_runs_side_by_side_row_by_row(tmp_path, capsys):
+    base = _document([
+        _micro("deco-cuda", 1.0),
+        _micro("deco-cuda", 2.0, pass_="fwd"),
+        {**_micro("deco-cuda", 0.5), "launch": "graph"},
+        _micro("eager-nchw", 4.0),
+        {**_e2e("DECO-R18", "fused-eager", 10.0), "speedup": {}},
+    ])
+    new = _document([
+        _micro("deco-cuda", 0.5),
+        {**_micro("deco-cuda", 3.0, pass_="fwd"), "p20_ms": 2.5, "p80_ms": 3.5},
+        {**_micro("deco-cuda", 0.5), "launch": "graph"},
+        _micro("eager-nchw", 4.2),  # 1.05x: within --slower's 1.1
+        {**_e2e("DECO-R18", "fused-eager", 12.0), "speedup": {}},
+        _micro("deco-triton", 1.0),  # not in the base run
+    ])
+    table = compare(base, new)
+    assert table.startswith("5 of the 6 rows of the new run were measured in the base run")
+    assert "| depthwise_conv2d | deco-cuda | eager | 2 | 1.00 | 0.50 | 1.50 |" in table  # fwd+bwd 0.5x, fwd 1.5x
+    assert "| depthwise_conv2d | deco-cuda | graph | 1 | 1.00 | 1.00 | 1.00 |" in table  # launches apart
+    assert "| DECO-R18 | fused-eager | - | 1 | 1.20 | 1.20 | 1.20 |" in table
+    slow = table.split("Rows over 1.10x their base time: 2")[1]
+    assert slow.index("| depthwise_conv2d | B8 C480 H25 W42 kh9 kw9 | float32 | fwd | deco-cuda | eager "
+                      "| 2.000 (2.000-2.000) | 3.000 (2.500-3.500) | 1.50 |") < slow.index(
+        "| DECO-R18 | B2 800x1333 | float32 | train_step | fused-eager | - | 10.000 (10.000-10.000) "
+        "| 12.000 (12.000-12.000) | 1.20 |")
+    assert "eager-nchw" not in slow
+    with pytest.raises(ValueError, match="different devices"):
+        compare(base, {**new, "device": "other"})
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert report_main(["compare", str(tmp_path / "base.json"), str(tmp_path / "new.json"), "--slower", "1.3"]) == 0
+    assert "Rows over 1.30x their base time: 1" in capsys.readouterr().out
 
 
 def test_every_provider_gets_the_same_inputs_and_its_own_tensors():
