@@ -9,7 +9,7 @@
 #   bash scripts/gpu_run.sh e2e            # one device call; repeat it to continue
 #   bash scripts/gpu_run.sh autotune       # optional: torch.compile max-autotune baselines on the target shapes
 #   bash scripts/gpu_run.sh profile        # where the time goes: benchmarks.breakdown (ops, DECO-R18 steps with
-#                                          # Chrome traces, ops per step) and ncu of the max pool backward; about
+#                                          # Chrome traces, ops per step) and ncu of the max and avg pools; about
 #                                          # 7 minutes
 #   bash scripts/gpu_run.sh demo           # the README's main job (deco demo) on the GPU, fused kernels, 4 minutes;
 #                                          # needs pycocotools: run scripts/device_wheels.sh here, carry .whl
@@ -31,8 +31,8 @@
 # once per version of the sources: a carried or committed host-<gpu>.json measured with them is kept.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
-# e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, demo.log, demo-<gpu>.json;
-# <gpu> is the GPU model, e.g. h100 (each file records its date).
+# e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, ncu-avg-pool.txt, demo.log,
+# demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
 # python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead), PROFILE_OPS_ARGS,
 # PROFILE_E2E_ARGS and PROFILE_COUNTS_ARGS (of python -m benchmarks.breakdown ops / e2e / counts);
@@ -258,9 +258,10 @@ step_e2e() {
 
 step_profile() {
     ensure_build
-    note "breakdowns -> profile.txt, traces.tar.gz, ncu-max-pool-backward.txt"
+    note "breakdowns -> profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, ncu-avg-pool.txt"
     # Where the rows' time goes: op calls (wall vs device, kernels ranked), DECO-R18 steps (host vs device time,
-    # launches; Chrome traces of each step), and Nsight Compute's view of the adaptive max pool's backward.
+    # launches; Chrome traces of each step), and Nsight Compute's view of the adaptive max pool's backward and
+    # the adaptive average pool.
     local traces=/tmp/deco-traces
     {
         # shellcheck disable=SC2086
@@ -274,12 +275,21 @@ step_profile() {
     grep -E "^#####|fwd\+bwd: wall|^(deco|detr)-r[0-9]+ " "$OUT/profile.txt"
     [[ -d $traces ]] && tar czf "$OUT/traces.tar.gz" -C "$(dirname "$traces")" "$(basename "$traces")"
     if command -v ncu >/dev/null; then
-        timeout "$(left 120)" ncu --kernel-name regex:MaxPoolBackward --launch-skip 3 --launch-count 1 \
-            --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-            --section Occupancy --section LaunchStats --section WarpStateStats \
-            python -m benchmarks.breakdown ops --ops adaptive_max_pool2d --groups stride8 --dtypes float32 \
-            --providers deco-cuda --runs 2 >"$OUT/ncu-max-pool-backward.txt" 2>&1 || echo "ncu: rc $?"
+        ncu_kernels MaxPoolBackwardOp adaptive_max_pool2d 1 ncu-max-pool-backward.txt
+        # Both kernels of a fwd+bwd call: the average pool at stride 8 ran 2-3x slower than Triton's (third run).
+        ncu_kernels AvgPool adaptive_avg_pool2d 2 ncu-avg-pool.txt
     fi
+}
+
+# ncu_kernels NAME_REGEX OP COUNT FILE: Nsight Compute on COUNT launches of the CUDA backend's kernels whose name
+# matches NAME_REGEX, after 3 (warm-up), in OP's fwd+bwd calls at stride 8. The kernels are instances of one
+# template (for_each_kernel<Op>): only the demangled name holds the op's name.
+ncu_kernels() {
+    timeout "$(left 120)" ncu --kernel-name-base demangled --kernel-name "regex:$1" \
+        --launch-skip 3 --launch-count "$3" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+        python -m benchmarks.breakdown ops --ops "$2" --groups stride8 --dtypes float32 \
+        --providers deco-cuda --runs 2 >"$OUT/$4" 2>&1 || echo "ncu ($4): rc $?"
 }
 
 step_demo() {
