@@ -88,16 +88,15 @@ def _draws(case: Case, seed: int) -> tuple[torch.Tensor, ...]:
 def make_inputs(case: Case, dtype: torch.dtype, provider: str, device: torch.device, seed: int = 0) -> Inputs:
     """Random inputs of ``case`` (the same values for every provider: drawn from ``seed``), in the provider's
     memory format, with ``requires_grad`` set on activations and parameters."""
-    memory_format = _layout(provider)
+    layout = _layout(provider)
     tensors = [
-        # copy=True: the cached draw itself must never become a (CPU, float32) input.
-        draw.to(device=device, dtype=dtype, copy=True)
-        for draw in _draws(case, seed)
-    ]
-    specs = _draw_specs(case)
-    tensors = [
-        (t.contiguous(memory_format=memory_format) if kind == "activation" else t).requires_grad_()
-        for t, (kind, _) in zip(tensors, specs)
+        # One copy in the provider's layout (activations) or as drawn (parameters); copy=True: the cached draw
+        # itself must never become a (CPU, float32) input.
+        draw.to(
+            device=device, dtype=dtype, copy=True,
+            memory_format=layout if kind == "activation" else torch.preserve_format,
+        ).requires_grad_()
+        for draw, (kind, _) in zip(_draws(case, seed), _draw_specs(case))
     ]
     if case.op == "scale_residual_max_pool":
         # B x C x H x W maps in the provider's memory format, viewed as B x H x W x C.

@@ -253,6 +253,10 @@ def _row_text(record: dict) -> str:
     return f"{record['model']} | B{record['batch']} {height}x{width} | {record['dtype']} | {record['pass']}"
 
 
+def _launch_text(record: dict) -> str:
+    return launch_of(record) if "op" in record else "-"  # end-to-end records have no launch
+
+
 def _spread_text(record: dict) -> str:
     return f"{record['median_ms']:.3f} ({record['p20_ms']:.3f}-{record['p80_ms']:.3f})"
 
@@ -269,8 +273,9 @@ def compare(base: dict, new: dict, slower: float = 1.1) -> str:
     groups: dict[tuple[str, str, str], list[float]] = {}
     for old, record in pairs:
         name = record.get("op") or record["model"]
-        launch = launch_of(record) if "op" in record else "-"
-        groups.setdefault((name, record["provider"], launch), []).append(record["median_ms"] / old["median_ms"])
+        groups.setdefault((name, record["provider"], _launch_text(record)), []).append(
+            record["median_ms"] / old["median_ms"]
+        )
     lines = [
         f"{len(pairs)} of the {len(new['records'])} rows of the new run were measured in the base run; "
         "new / base median time (below 1: faster now):",
@@ -297,7 +302,7 @@ def compare(base: dict, new: dict, slower: float = 1.1) -> str:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {_row_text(record)} | {record['provider']} | {launch_of(record) if 'op' in record else '-'} "
+            f"| {_row_text(record)} | {record['provider']} | {_launch_text(record)} "
             f"| {_spread_text(old)} | {_spread_text(record)} | {ratio:.2f} |"
             for ratio, old, record in slow
         ]
