@@ -27,7 +27,9 @@
 # step then continues those files (same GPU, torch, triton and measured sources) and measures only the rows they
 # lack. A file not carried is continued from the committed results of this GPU instead
 # (benchmarks/results/<gpu>-<date>.json, where measured with these sources; GPU_RUN_COMMITTED names another
-# directory), so a later session goes on where an earlier one's commit stopped. The host overhead is measured
+# directory), so a later session goes on where an earlier one's commit stopped. Each call also leaves its results in
+# .gpu-run/ on the machine: the next call on the same (still warm) machine continues them even where they were not
+# carried. The host overhead is measured
 # once per version of the sources: a carried or committed host-<gpu>.json measured with them is kept.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
@@ -325,6 +327,15 @@ for step in "${steps[@]}"; do
         *) echo "unknown step '$step'; expected build, test, bench, graph, e2e, autotune, profile, demo or all" >&2; exit 2 ;;
     esac
 done
+# The results also stay on this machine, in $CARRIED: while it is warm (held between calls), the next call
+# continues them without their being carried back. $OUT is emptied before every call.
+kept=()
+for f in "$MICRO_JSON" "$E2E_JSON" "$HOST_JSON"; do
+    [[ -s $f ]] && kept+=("$f")
+done
+if ((${#kept[@]})); then
+    mkdir -p "$CARRIED" && cp -f "${kept[@]}" "$CARRIED/" && note "kept ${kept[*]##*/} in $CARRIED for the next call"
+fi
 note "done (status $STATUS); files in $OUT:"
 ls -la "$OUT"
 exit $STATUS

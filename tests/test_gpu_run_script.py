@@ -64,10 +64,13 @@ def test_bench_and_e2e_steps_continue_carried_results(tmp_path):
     assert first and {r["provider"] for r in first} == {"eager-nchw"}
     assert "targets on" in log  # the target report ran
 
-    carried.mkdir()
-    shutil.copy(first_out / f"micro-{gpu}.json", carried)
+    # The call left its results in the carried directory too, as on a device machine still warm for the next
+    # call (the device tool empties $OUT before each call).
+    assert sorted(path.name for path in carried.iterdir()) == [f"host-{gpu}.json", f"micro-{gpu}.json"]
+    assert (carried / f"micro-{gpu}.json").read_bytes() == (first_out / f"micro-{gpu}.json").read_bytes()
     log = _gpu_run(second_out, carried, "bench", "e2e", providers="eager-nchw,eager-cl")
     assert f"continuing {carried}/micro-{gpu}.json" in log
+    assert f"continuing {carried}/host-{gpu}.json" in log
     second = json.loads((second_out / f"micro-{gpu}.json").read_text())["records"]
     assert second[: len(first)] == [{**r, "speedup": second[i]["speedup"]} for i, r in enumerate(first)]
     assert {r["provider"] for r in second[len(first):]} == {"eager-cl"}  # only the missing rows were measured
