@@ -29,8 +29,8 @@
 # (benchmarks/results/<gpu>-<date>.json, where measured with these sources; GPU_RUN_COMMITTED names another
 # directory), so a later session goes on where an earlier one's commit stopped. Each call also leaves its results in
 # .gpu-run/ on the machine: the next call on the same (still warm) machine continues them even where they were not
-# carried. The host overhead is measured
-# once per version of the sources: a carried or committed host-<gpu>.json measured with them is kept.
+# carried. The host overhead is measured once per version of the sources: a carried or committed host-<gpu>.json
+# measured with them is kept.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
 # e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, ncu-avg-pool.txt, demo.log,
