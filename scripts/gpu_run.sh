@@ -9,8 +9,8 @@
 #   bash scripts/gpu_run.sh e2e            # one device call; repeat it to continue
 #   bash scripts/gpu_run.sh autotune       # optional: torch.compile max-autotune baselines on the target shapes
 #   bash scripts/gpu_run.sh profile        # where the time goes: benchmarks.breakdown (ops, DECO-R18 steps with
-#                                          # Chrome traces, ops per step) and ncu of the max and avg pools; about
-#                                          # 7 minutes
+#                                          # Chrome traces, ops per step) and ncu of the NCHW depthwise conv's
+#                                          # kernels and of the max and avg pools; about 8 minutes
 #   bash scripts/gpu_run.sh demo           # the README's main job (deco demo) on the GPU, fused kernels, 4 minutes;
 #                                          # needs pycocotools: run scripts/device_wheels.sh here, carry .whl
 #   bash scripts/gpu_run.sh all            # everything in order (only where no 10-minute limit applies)
@@ -33,7 +33,7 @@
 # measured with them is kept.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
-# e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, ncu-avg-pool.txt, demo.log,
+# e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu.txt, demo.log,
 # demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
 # python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead), PROFILE_OPS_ARGS,
@@ -260,10 +260,10 @@ step_e2e() {
 
 step_profile() {
     ensure_build
-    note "breakdowns -> profile.txt, traces.tar.gz, ncu-max-pool-backward.txt, ncu-avg-pool.txt"
+    note "breakdowns -> profile.txt, traces.tar.gz, ncu.txt"
     # Where the rows' time goes: op calls (wall vs device, kernels ranked), DECO-R18 steps (host vs device time,
-    # launches; Chrome traces of each step), and Nsight Compute's view of the adaptive max pool's backward and
-    # the adaptive average pool.
+    # launches; Chrome traces of each step), and Nsight Compute's view of the NCHW depthwise conv's kernels, the
+    # adaptive max pool's backward and the adaptive average pool.
     local traces=/tmp/deco-traces
     {
         # shellcheck disable=SC2086
@@ -277,21 +277,28 @@ step_profile() {
     grep -E "^#####|fwd\+bwd: wall|^(deco|detr)-r[0-9]+ " "$OUT/profile.txt"
     [[ -d $traces ]] && tar czf "$OUT/traces.tar.gz" -C "$(dirname "$traces")" "$(basename "$traces")"
     if command -v ncu >/dev/null; then
-        ncu_kernels MaxPoolBackwardOp adaptive_max_pool2d 1 ncu-max-pool-backward.txt
+        # The three conv kernels of a fwd+bwd call (forward, grad input, weight gradient): the third run measured
+        # the 9x9 forward at 16% of the FP32 peak, where the counts of its inner loop allow several times that.
+        ncu_kernels "conv_tiled_kernel|weight_grad_partials_kernel" depthwise_conv2d 3
+        ncu_kernels MaxPoolBackwardOp adaptive_max_pool2d 1
         # Both kernels of a fwd+bwd call: the average pool at stride 8 ran 2-3x slower than Triton's (third run).
-        ncu_kernels AvgPool adaptive_avg_pool2d 2 ncu-avg-pool.txt
+        ncu_kernels AvgPool adaptive_avg_pool2d 2
     fi
 }
 
-# ncu_kernels NAME_REGEX OP COUNT FILE: Nsight Compute on COUNT launches of the CUDA backend's kernels whose name
-# matches NAME_REGEX, after 3 (warm-up), in OP's fwd+bwd calls at stride 8. The kernels are instances of one
-# template (for_each_kernel<Op>): only the demangled name holds the op's name.
+# ncu_kernels NAME_REGEX OP COUNT: Nsight Compute on COUNT launches of the CUDA backend's kernels whose name
+# matches NAME_REGEX, after 3 (warm-up), in OP's fwd+bwd calls at stride 8 (fp32; kernel 9 for the convs),
+# appended to ncu.txt (one file for all: a call brings back at most 8). The element-wise kernels are instances of
+# one template (for_each_kernel<Op>): only the demangled name holds the op's name. The memory tables count
+# shared-memory bank conflicts and the sectors per request.
 ncu_kernels() {
+    echo "##### ncu: $2, kernels matching $1" >>"$OUT/ncu.txt"
     timeout "$(left 120)" ncu --kernel-name-base demangled --kernel-name "regex:$1" \
         --launch-skip 3 --launch-count "$3" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis_Tables \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
         python -m benchmarks.breakdown ops --ops "$2" --groups stride8 --dtypes float32 \
-        --providers deco-cuda --runs 2 >"$OUT/$4" 2>&1 || echo "ncu ($4): rc $?"
+        --providers deco-cuda --runs 2 >>"$OUT/ncu.txt" 2>&1 || echo "ncu ($2): rc $?"
 }
 
 step_demo() {
