@@ -11,6 +11,8 @@
 #   bash scripts/gpu_run.sh profile        # where the time goes: benchmarks.breakdown (ops, DECO-R18 steps with
 #                                          # Chrome traces, ops per step) and ncu of the NCHW depthwise conv's
 #                                          # kernels and of the max and avg pools; about 8 minutes
+#   bash scripts/gpu_run.sh sanitize       # compute-sanitizer's memcheck and racecheck over the CUDA kernels' GPU
+#                                          # tests (out-of-bounds accesses, shared-memory races); one device call
 #   bash scripts/gpu_run.sh demo           # the README's main job (deco demo) on the GPU, fused kernels, 4 minutes;
 #                                          # needs pycocotools: run scripts/device_wheels.sh here, carry .whl
 #   bash scripts/gpu_run.sh all            # everything in order (only where no 10-minute limit applies)
@@ -33,7 +35,7 @@
 # measured with them is kept.
 # Results and logs go to $OUT (at most 8 files come back per call): env.txt, build.log, test.log, bench.log,
 # host-<gpu>.json (host overhead per call), micro-<gpu>.json (bench, graph and autotune), graph.log, e2e.log,
-# e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu.txt, demo.log,
+# e2e-<gpu>.json, autotune.log, profile.txt, traces.tar.gz, ncu.txt, sanitize.log, demo.log,
 # demo-<gpu>.json; <gpu> is the GPU model, e.g. h100 (each file records its date).
 # Extra arguments for the suites: BENCH_ARGS (pytest options of benchmarks/conftest.py), E2E_ARGS (options of
 # python -m benchmarks.e2e), HOST_ARGS (of python -m benchmarks.host_overhead), PROFILE_OPS_ARGS,
@@ -301,6 +303,33 @@ ncu_kernels() {
         --providers deco-cuda --runs 2 >>"$OUT/ncu.txt" 2>&1 || echo "ncu ($2): rc $?"
 }
 
+step_sanitize() {
+    ensure_build
+    note "compute-sanitizer over the CUDA kernels' GPU tests -> sanitize.log"
+    local sanitizer
+    sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+    if [[ ! -x $sanitizer ]]; then
+        echo "compute-sanitizer: not on the PATH, nor in ${CUDA_HOME:-/usr/local/cuda}/bin" | tee "$OUT/sanitize.log"
+        return
+    fi
+    # The tests on CUDA tensors of tests/test_cuda_kernels.py (many shapes, every layout and dtype, outputs
+    # poisoned), not their CPU twins nor the comparison with Triton (whose compiles would run under the sanitizer
+    # too). memcheck: out-of-bounds and misaligned accesses of every kernel; racecheck: shared-memory hazards (the
+    # NCHW conv, the weight gradient and conv + LayerNorm stage tiles and reuse them behind barriers). Each tool
+    # gets at most 270 s; a cut-off run says so.
+    local tool rc
+    for tool in memcheck racecheck; do
+        echo "##### compute-sanitizer --tool $tool" >>"$OUT/sanitize.log"
+        timeout "$(left 270)" "$sanitizer" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+            python -m pytest tests/test_cuda_kernels.py -q -x -p no:cacheprovider -k "not cpu and not triton" \
+            >>"$OUT/sanitize.log" 2>&1
+        rc=$?
+        tail -n 3 "$OUT/sanitize.log"
+        ((rc == 124)) && echo "$tool: cut off by the time budget"
+        ((rc != 0 && rc != 124)) && echo "$tool: rc $rc (86: the sanitizer reported errors)" && STATUS=1
+    done
+}
+
 step_demo() {
     ensure_build
     note "deco demo on the GPU -> demo-$GPU.json (log: demo.log)"
@@ -329,9 +358,11 @@ for step in "${steps[@]}"; do
         autotune) step_autotune ;;
         e2e) step_e2e ;;
         profile) step_profile ;;
+        sanitize) step_sanitize ;;
         demo) step_demo ;;
         all) step_test; step_bench; step_graph; step_e2e; step_autotune ;;
-        *) echo "unknown step '$step'; expected build, test, bench, graph, e2e, autotune, profile, demo or all" >&2; exit 2 ;;
+        *) echo "unknown step '$step'; expected build, test, bench, graph, e2e, autotune, profile, sanitize, demo or" \
+               "all" >&2; exit 2 ;;
     esac
 done
 # The results also stay on this machine, in $CARRIED: while it is warm (held between calls), the next call
