@@ -105,6 +105,13 @@ left() {
 
 note() { echo "=== [$(($(date +%s) - START_S)) s] $*"; }
 
+# cuda_tool NAME: the path of a CUDA tool (ncu, compute-sanitizer) on the PATH or in the toolkit's bin/; nothing
+# (and status 1) where it is in neither.
+cuda_tool() {
+    local in_toolkit=${CUDA_HOME:-/usr/local/cuda}/bin/$1
+    command -v "$1" || { [[ -x $in_toolkit ]] && echo "$in_toolkit"; }
+}
+
 # Wheels carried in .whl/ (scripts/device_wheels.sh): this machine has no network.
 if compgen -G ".whl/*.whl" >/dev/null; then
     python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/deco-site .whl/*.whl \
@@ -278,7 +285,8 @@ step_profile() {
     } >"$OUT/profile.txt" 2>&1 || STATUS=1
     grep -E "^#####|fwd\+bwd: wall|^(deco|detr)-r[0-9]+ " "$OUT/profile.txt"
     [[ -d $traces ]] && tar czf "$OUT/traces.tar.gz" -C "$(dirname "$traces")" "$(basename "$traces")"
-    if command -v ncu >/dev/null; then
+    NCU=$(cuda_tool ncu)
+    if [[ -n $NCU ]]; then
         # The three conv kernels of a fwd+bwd call (forward, grad input, weight gradient): the third run measured
         # the 9x9 forward at 16% of the FP32 peak, where the counts of its inner loop allow several times that.
         ncu_kernels "conv_tiled_kernel|weight_grad_partials_kernel" depthwise_conv2d 3
@@ -288,14 +296,14 @@ step_profile() {
     fi
 }
 
-# ncu_kernels NAME_REGEX OP COUNT: Nsight Compute on COUNT launches of the CUDA backend's kernels whose name
+# ncu_kernels NAME_REGEX OP COUNT: Nsight Compute ($NCU) on COUNT launches of the CUDA backend's kernels whose name
 # matches NAME_REGEX, after 3 (warm-up), in OP's fwd+bwd calls at stride 8 (fp32; kernel 9 for the convs),
 # appended to ncu.txt (one file for all: a call brings back at most 8). The element-wise kernels are instances of
 # one template (for_each_kernel<Op>): only the demangled name holds the op's name. The memory tables count
 # shared-memory bank conflicts and the sectors per request.
 ncu_kernels() {
     echo "##### ncu: $2, kernels matching $1" >>"$OUT/ncu.txt"
-    timeout "$(left 120)" ncu --kernel-name-base demangled --kernel-name "regex:$1" \
+    timeout "$(left 120)" "$NCU" --kernel-name-base demangled --kernel-name "regex:$1" \
         --launch-skip 3 --launch-count "$3" --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section MemoryWorkloadAnalysis_Tables \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -307,8 +315,7 @@ step_sanitize() {
     ensure_build
     note "compute-sanitizer over the CUDA kernels' GPU tests -> sanitize.log"
     local sanitizer
-    sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-    if [[ ! -x $sanitizer ]]; then
+    if ! sanitizer=$(cuda_tool compute-sanitizer); then
         echo "compute-sanitizer: not on the PATH, nor in ${CUDA_HOME:-/usr/local/cuda}/bin" | tee "$OUT/sanitize.log"
         return
     fi
